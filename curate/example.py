@@ -1,0 +1,45 @@
+"""The bundled sample pool and ``catalog.duckdb.example``, and the check that they are current.
+
+``build_example(root)`` regenerates both from fixed arguments; ``catalog_fingerprint`` is what
+the test compares between the committed catalog and a freshly built one (DuckDB files are not
+byte-reproducible, their contents are).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from curate.catalog import ROOT, connect, init_catalog
+from curate.samplepool import generate_pool
+
+SAMPLE_POOL_DIR = Path("data") / "sample_pool"
+SAMPLE_POOL_ARGS = dict(files=2, rows_per_file=1000, seed=0, npz=True, shards=True, image_size=40)
+CATALOG_NAME = "catalog.duckdb.example"
+
+
+def build_example(root: str | Path = ROOT) -> Path:
+    root = Path(root)
+    pool = root / SAMPLE_POOL_DIR
+    generate_pool(pool, **SAMPLE_POOL_ARGS)
+    return init_catalog(root / CATALOG_NAME, pool=pool, relative=True, overwrite=True,
+                        features_dir=pool / "features")
+
+
+def catalog_fingerprint(catalog: str | Path) -> dict:
+    """Everything a catalog defines, as comparable data: meta, files, view SQL, macros, tables."""
+    con = connect(catalog)
+    out = {
+        "meta": sorted(con.execute("SELECT key, value FROM curate_meta WHERE key <> 'created_at'").fetchall()),
+        "pool_files": con.execute("SELECT * FROM pool_files ORDER BY file_id").fetchall(),
+        "views": con.execute(
+            "SELECT view_name, sql FROM duckdb_views() WHERE NOT internal AND database_name <> 'temp' "
+            "ORDER BY view_name").fetchall(),
+        "macros": con.execute(
+            "SELECT function_name, macro_definition FROM duckdb_functions() "
+            "WHERE function_type IN ('macro', 'table_macro') AND NOT internal "
+            "AND database_name <> 'temp' ORDER BY 1").fetchall(),
+        "tables": con.execute(
+            "SELECT table_name, sql FROM duckdb_tables() WHERE database_name <> 'temp' ORDER BY 1").fetchall(),
+    }
+    con.close()
+    return out

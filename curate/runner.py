@@ -1,0 +1,270 @@
+"""Run a filter: a SQL file over the catalog becomes a DataComp subset file and its manifest.
+
+A filter file is DuckDB SQL: optional ``SET VARIABLE name = default;`` statements (its
+parameters, overridable with ``--set name=value``, which reach DuckDB as bound values), then one
+query returning a single ``uid`` column. Rows may repeat (a uid returned k times = k copies).
+``read_subset('path.npy')`` in a filter reads another subset file as a table with a ``uid``
+column, so subsets compose with INTERSECT / UNION ALL / EXCEPT / joins.
+
+The query streams out of DuckDB in Arrow batches of uid strings; :mod:`curate.uids` turns them
+into (hi, lo) pairs, which are sorted and written with :func:`curate.subset.write_subset`.
+Only the selected uids (16 bytes each) are held in memory, never the pool.
+"""
+
+from __future__ import annotations
+
+import decimal
+import hashlib
+import json
+import platform
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import sqlglot
+from sqlglot.tokens import TokenType
+
+from curate import __version__
+from curate.atomic import write_json
+from curate.catalog import connect, default_catalog
+from curate.errors import CurateError
+from curate.subset import subset_to_arrow, write_subset
+from curate.uids import BadUid, hex_array_to_pairs, sort_pairs
+
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_SET_VARIABLE = re.compile(r"^\s*SET\s+VARIABLE\s+([A-Za-z_][A-Za-z0-9_]*)", re.IGNORECASE)
+
+
+class FilterError(CurateError):
+    """A filter file that cannot run: syntax, binding, wrong result columns, bad parameter."""
+
+
+def parse_value(text: str):
+    """Type a ``--set`` value: int, then float, then true/false, else the string itself."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return text
+
+
+def parse_sets(pairs) -> dict:
+    out = {}
+    for item in pairs or ():
+        if "=" not in item:
+            raise FilterError(f"--set {item!r}: expected KEY=VALUE")
+        key, val = item.split("=", 1)
+        key = key.strip()
+        if not _IDENT.match(key):
+            raise FilterError(f"--set {item!r}: {key!r} is not a parameter name")
+        out[key] = parse_value(val)
+    return out
+
+
+@dataclass
+class FilterFile:
+    path: Path
+    text: str
+    setup: list[str]  # statements before the query (SET VARIABLE ...)
+    query: str
+    params: list[str] = field(default_factory=list)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+
+def load_filter(path: str | Path, con: duckdb.DuckDBPyConnection) -> FilterFile:
+    path = Path(path)
+    if not path.is_file():
+        raise FilterError(f"{path}: filter file not found")
+    text = path.read_text()
+    try:
+        statements = con.extract_statements(text)
+    except duckdb.Error as e:
+        raise FilterError(f"{path}: {_one_line(e)}") from None
+    if not statements:
+        raise FilterError(f"{path}: no SQL statement in the file")
+    *setup, last = statements
+    if last.type != duckdb.StatementType.SELECT:
+        raise FilterError(f"{path}: the last statement must be a query returning a `uid` column")
+    setup_sql = [s.query for s in setup]
+    params = [m.group(1) for q in setup_sql if (m := _SET_VARIABLE.match(_strip_comments(q)))]
+    return FilterFile(path, text, setup_sql, last.query, params)
+
+
+def _strip_comments(sql: str) -> str:
+    return re.sub(r"--[^\n]*", "", sql)
+
+
+def _one_line(e: Exception) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return " ".join(lines[:2]) if lines else type(e).__name__
+
+
+def substitute_subsets(sql: str, con, variables: dict, registered: dict) -> str:
+    """Replace ``read_subset('file')`` / ``read_subset(getvariable('p'))`` with registered tables."""
+    try:
+        tokens = sqlglot.tokenize(sql, read="duckdb")
+    except Exception:  # noqa: BLE001 - leave anything sqlglot cannot tokenize to DuckDB
+        return sql
+    out, pos, i = [], 0, 0
+    while i < len(tokens):
+        t = tokens[i]
+        if t.text.lower() == "read_subset" and i + 1 < len(tokens) and tokens[i + 1].token_type == TokenType.L_PAREN:
+            arg, end = None, None
+            if i + 3 < len(tokens) and tokens[i + 2].token_type == TokenType.STRING \
+                    and tokens[i + 3].token_type == TokenType.R_PAREN:
+                arg, end = tokens[i + 2].text, i + 3
+            elif i + 6 < len(tokens) and tokens[i + 2].text.lower() == "getvariable" \
+                    and tokens[i + 4].token_type == TokenType.STRING \
+                    and tokens[i + 6].token_type == TokenType.R_PAREN:
+                name = tokens[i + 4].text
+                if name not in variables:
+                    raise FilterError(f"read_subset(getvariable('{name}')): no parameter '{name}' is set")
+                arg, end = str(variables[name]), i + 6
+            if arg is None:
+                raise FilterError("read_subset() takes one file path: read_subset('subsets/x.npy')")
+            key = str(Path(arg).resolve())
+            if key not in registered:
+                name = f"__subset_{len(registered)}"
+                con.register(name, subset_to_arrow(arg))
+                registered[key] = name
+            out.append(sql[pos : t.start])
+            out.append(registered[key])
+            pos = tokens[end].end + 1
+            i = end + 1
+            continue
+        i += 1
+    out.append(sql[pos:])
+    return "".join(out)
+
+
+@dataclass
+class RunResult:
+    out: Path
+    manifest: Path
+    count: int
+    distinct: int
+    pool_rows: int
+    params: dict
+    elapsed: float
+
+
+def prepare(con, flt: FilterFile, sets: dict) -> tuple[str, dict]:
+    """Run the filter's setup statements, apply overrides, return the final query and params."""
+    unknown = [k for k in sets if k not in flt.params]
+    if unknown:
+        declared = ", ".join(flt.params) or "none"
+        raise FilterError(f"{flt.path}: unknown parameter '{unknown[0]}' (this filter declares: {declared})")
+    registered: dict = {}
+    for stmt in flt.setup:
+        try:
+            con.execute(substitute_subsets(stmt, con, {}, registered))
+        except duckdb.Error as e:
+            raise FilterError(f"{flt.path}: {_one_line(e)}") from None
+    for key, val in sets.items():
+        con.execute(f"SET VARIABLE {key} = ?", [val])  # key checked against _IDENT and the declared names
+    params = {}
+    for key in flt.params:
+        params[key] = _json_value(con.execute("SELECT getvariable(?)", [key]).fetchone()[0])
+    query = substitute_subsets(flt.query, con, params, registered)
+    return query, params
+
+
+def _json_value(v):
+    if isinstance(v, decimal.Decimal):
+        return float(v)
+    if isinstance(v, (int, float, str, bool)) or v is None:
+        return v
+    return str(v)
+
+
+def run_filter(filter_path, catalog=None, out=None, sets=None, progress=False) -> RunResult:
+    """Run ``filter_path`` on ``catalog`` and write the sorted subset ``out`` plus its manifest."""
+    t0 = time.perf_counter()
+    catalog = Path(catalog) if catalog else default_catalog()
+    out = Path(out) if out else Path("subsets") / (Path(filter_path).stem + ".npy")
+    con = connect(catalog)
+    if progress:
+        con.execute("SET enable_progress_bar = true")
+    flt = load_filter(filter_path, con)
+    query, params = prepare(con, flt, sets or {})
+    try:
+        rel = con.sql(query)
+        columns, types = rel.columns, rel.types
+    except duckdb.Error as e:
+        raise FilterError(f"{flt.path}: {_one_line(e)}") from None
+    if columns != ["uid"]:
+        raise FilterError(
+            f"{flt.path}: the query must return exactly one column named `uid`; it returns "
+            f"{', '.join(columns)}"
+        )
+    if str(types[0]) != "VARCHAR":
+        raise FilterError(f"{flt.path}: column `uid` has type {types[0]}, expected VARCHAR (32 hex characters)")
+    his, los, seen = [], [], 0
+    try:
+        reader = con.execute(query).fetch_record_batch(1 << 20)
+        for batch in reader:
+            col = batch.column(0)
+            try:
+                hi, lo = hex_array_to_pairs(col)
+            except BadUid as e:
+                raise _locate_bad_uid(con, e, flt.path) from None
+            his.append(hi)
+            los.append(lo)
+            seen += len(col)
+    except duckdb.Error as e:
+        raise FilterError(f"{flt.path}: {_one_line(e)}") from None
+    hi = np.concatenate(his) if his else np.empty(0, np.uint64)
+    lo = np.concatenate(los) if los else np.empty(0, np.uint64)
+    hi, lo = sort_pairs(hi, lo)
+    distinct = int(len(hi) and 1 + np.count_nonzero((hi[1:] != hi[:-1]) | (lo[1:] != lo[:-1])))
+    pool_rows = int(con.execute("SELECT sum(num_rows) FROM pool_files").fetchone()[0] or 0)
+    con.close()
+    write_subset(out, hi, lo)
+    elapsed = time.perf_counter() - t0
+    manifest = out.with_suffix(".json")
+    write_json(manifest, {
+        "subset": str(out),
+        "filter": str(flt.path),
+        "filter_sha256": flt.sha256,
+        "params": {k: _json_value(v) for k, v in params.items()},
+        "catalog": str(catalog.resolve()),
+        "pool_rows": pool_rows,
+        "count": int(len(hi)),
+        "distinct": distinct,
+        "elapsed_seconds": round(elapsed, 3),
+        "versions": {
+            "curate": __version__,
+            "duckdb": duckdb.__version__,
+            "numpy": np.__version__,
+            "pyarrow": pa.__version__,
+            "python": platform.python_version(),
+        },
+        "command": " ".join(sys.argv) if sys.argv else None,
+    })
+    return RunResult(out, manifest, int(len(hi)), distinct, pool_rows, params, elapsed)
+
+
+def _locate_bad_uid(con, err: BadUid, path: Path) -> CurateError:
+    """Turn a bad uid in a query result into an error naming the pool file and row it came from."""
+    where = ""
+    try:
+        hit = con.execute(
+            "SELECT file, \"row\" FROM pool WHERE uid IS NOT DISTINCT FROM ? LIMIT 1", [err.value]
+        ).fetchone()
+        if hit:
+            src = con.execute("SELECT path FROM pool_files WHERE file = ?", [hit[0]]).fetchone()
+            where = f" (pool file {src[0] if src else hit[0]}, row {hit[1]}, column uid)"
+    except duckdb.Error:
+        pass
+    return CurateError(f"{path}: {err}{where}")

@@ -1,0 +1,190 @@
+"""The subset file: DataComp's contract between filtering, resharding and training.
+
+A subset is a 1-D numpy array of dtype ``[('f0','<u8'),('f1','<u8')]`` (the two halves of each
+uid, see :mod:`curate.uids`), sorted ascending, duplicates kept: a uid listed k times means k
+copies in the resharded data. On disk it is either a ``.npy`` file (format v1.0, exactly what
+``np.save`` writes) or DataComp's headerless raw memmap (16 bytes per record).
+
+Everything here streams in chunks over a read-only memmap, so a subset of any size is checked
+or converted with bounded memory. DataComp opens raw subsets with ``mode="r+"``; we never need
+write permission on an input.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curate.atomic import atomic_path
+from curate.errors import CurateError
+from curate.uids import SUBSET_DTYPE, pairs_to_hex_array, to_records
+
+NPY_MAGIC = b"\x93NUMPY"
+CHUNK = 1 << 22  # records per chunk when streaming (64 MiB)
+
+
+class BadSubset(CurateError):
+    """A subset file that is unreadable, wrongly typed or unsorted."""
+
+
+def write_subset(path: str | os.PathLike, hi: np.ndarray, lo: np.ndarray) -> Path:
+    """Write sorted uid halves as a DataComp subset ``.npy`` (byte-identical to ``np.save``).
+
+    The caller sorts (see :func:`curate.uids.sort_pairs`); this checks it, because an unsorted
+    subset silently selects the wrong samples in DataComp's resharder.
+    """
+    path = Path(path)
+    records = to_records(hi, lo)
+    pos = _first_unsorted(records)
+    if pos is not None:
+        raise BadSubset(f"{path}: refusing to write an unsorted subset (record {pos})")
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, records, allow_pickle=False)
+    return path
+
+
+def open_subset(path: str | os.PathLike, check_sorted: bool = True) -> np.ndarray:
+    """Open a subset file read-only (memmap) after checking its dtype, shape and order."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadSubset(f"{path}: subset file not found")
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if head == NPY_MAGIC:
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError as e:  # object dtypes need pickle: refused, never executed
+            raise BadSubset(f"{path}: not a subset file ({e})") from None
+        except Exception as e:  # noqa: BLE001 - any unreadable header is the user's file
+            raise BadSubset(f"{path}: unreadable .npy file ({e})") from None
+        if arr.dtype != SUBSET_DTYPE:
+            raise BadSubset(
+                f"{path}: dtype {arr.dtype.descr} is not the subset dtype "
+                f"[('f0', '<u8'), ('f1', '<u8')]"
+            )
+        if arr.ndim != 1:
+            raise BadSubset(f"{path}: shape {arr.shape} is not one-dimensional")
+    else:
+        size = path.stat().st_size
+        if size % SUBSET_DTYPE.itemsize:
+            raise BadSubset(
+                f"{path}: neither a .npy file nor a raw u8,u8 memmap "
+                f"({size} bytes is not a multiple of 16)"
+            )
+        if size == 0:
+            arr = np.empty(0, dtype=SUBSET_DTYPE)
+        else:
+            arr = np.memmap(path, dtype=SUBSET_DTYPE, mode="r")
+    if check_sorted:
+        pos = _first_unsorted(arr)
+        if pos is not None:
+            a, b = arr[pos], arr[pos + 1]
+            raise BadSubset(
+                f"{path}: not sorted ascending at record {pos + 1} "
+                f"({int(a['f0']):016x}{int(a['f1']):016x} > {int(b['f0']):016x}{int(b['f1']):016x}); "
+                f"DataComp's resharder would select the wrong samples"
+            )
+    return arr
+
+
+def _first_unsorted(arr: np.ndarray) -> int | None:
+    """Index i of the first record with arr[i] > arr[i+1], or None; streams in chunks."""
+    n = len(arr)
+    for start in range(0, max(n - 1, 0), CHUNK):
+        stop = min(start + CHUNK + 1, n)
+        hi = np.asarray(arr["f0"][start:stop])
+        lo = np.asarray(arr["f1"][start:stop])
+        bad = (hi[1:] < hi[:-1]) | ((hi[1:] == hi[:-1]) & (lo[1:] < lo[:-1]))
+        if bad.any():
+            return start + int(np.flatnonzero(bad)[0])
+    return None
+
+
+@dataclass
+class SubsetInfo:
+    path: str
+    format: str
+    count: int
+    distinct: int
+    duplicates: int
+    max_copies: int
+    sorted: bool
+    dtype_ok: bool
+    dtype: str
+
+    def lines(self) -> list[str]:
+        return [
+            f"file:        {self.path}",
+            f"format:      {self.format}",
+            f"dtype:       {self.dtype} ({'ok' if self.dtype_ok else 'NOT the subset dtype'})",
+            f"count:       {self.count:,}",
+            f"distinct:    {self.distinct:,}",
+            f"duplicates:  {self.duplicates:,} extra copies (max {self.max_copies} copies of one uid)",
+            f"sorted:      {'yes' if self.sorted else 'NO'}",
+        ]
+
+
+def subset_info(path: str | os.PathLike) -> SubsetInfo:
+    """Count, distinct count, duplicates, order and dtype of a subset file (streams)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        is_npy = f.read(6) == NPY_MAGIC
+    if is_npy:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        fmt = "npy"
+    else:
+        arr = open_subset(path, check_sorted=False)
+        fmt = "raw u8,u8 memmap (no header)"
+    dtype_ok = arr.dtype == SUBSET_DTYPE and arr.ndim == 1
+    if not dtype_ok:
+        return SubsetInfo(str(path), fmt, int(arr.size), 0, 0, 0, False, False, str(arr.dtype.descr))
+    n = len(arr)
+    is_sorted = _first_unsorted(arr) is None
+    if not is_sorted:  # duplicates are only adjacent in a sorted file; count them exactly anyway
+        uniq, counts = np.unique(np.asarray(arr), return_counts=True)
+        return SubsetInfo(str(path), fmt, n, len(uniq), n - len(uniq), int(counts.max(initial=0)),
+                          False, True, str(arr.dtype.descr))
+    distinct, max_run, carry = (1 if n else 0), (1 if n else 0), 1
+    for start in range(0, max(n - 1, 0), CHUNK):
+        stop = min(start + CHUNK + 1, n)
+        hi = np.asarray(arr["f0"][start:stop])
+        lo = np.asarray(arr["f1"][start:stop])
+        new = ~((hi[1:] == hi[:-1]) & (lo[1:] == lo[:-1]))  # record i+1 starts a new uid
+        distinct += int(new.sum())
+        # run lengths inside this chunk; the first run continues the previous chunk's last one
+        starts = np.concatenate(([0], np.flatnonzero(new) + 1, [len(hi)]))
+        runs = np.diff(starts)
+        runs[0] += carry - 1
+        max_run = max(max_run, int(runs.max()))
+        carry = int(runs[-1]) if len(runs) > 1 else int(runs[0])
+    return SubsetInfo(str(path), fmt, n, distinct, n - distinct, max_run, is_sorted, True, str(arr.dtype.descr))
+
+
+def subset_to_arrow(path: str | os.PathLike) -> pa.Table:
+    """A subset as an Arrow table with one ``uid`` string column (duplicates kept, file order)."""
+    arr = open_subset(path)
+    chunks = []
+    for start in range(0, len(arr), CHUNK):
+        part = np.asarray(arr[start : start + CHUNK])
+        chunks.append(pairs_to_hex_array(part["f0"], part["f1"]))
+    return pa.table({"uid": pa.chunked_array(chunks, pa.string())})
+
+
+def subset_to_parquet(path: str | os.PathLike, out: str | os.PathLike) -> int:
+    """Write a subset as parquet with a hex ``uid`` column, streaming; returns the row count."""
+    arr = open_subset(path)
+    schema = pa.schema([("uid", pa.string())])
+    with atomic_path(out) as tmp:
+        with pq.ParquetWriter(tmp, schema) as w:
+            for start in range(0, len(arr), CHUNK):
+                part = np.asarray(arr[start : start + CHUNK])
+                w.write_table(pa.table({"uid": pairs_to_hex_array(part["f0"], part["f1"])}, schema=schema))
+            if len(arr) == 0:
+                w.write_table(schema.empty_table())
+    return len(arr)

@@ -1,0 +1,2 @@
+-- DataComp baseline `no_filter`: every sample of the pool.
+SELECT uid FROM pool
