@@ -234,7 +234,7 @@ def init_catalog(
             )
             row_start += f.num_rows
         con.execute(f"SET file_search_path = {sql_literal(str(base))}")
-        _create_views(con, _view_values(con, base if relative else None), temp=False)
+        _create_views(con, _view_values(con, None), temp=False)
         # bind-check now, so a broken pool fails here rather than at the first query
         con.execute("SELECT count(*) FROM pool").fetchall()
         con.close()

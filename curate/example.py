@@ -32,14 +32,14 @@ def catalog_fingerprint(catalog: str | Path) -> dict:
         "meta": sorted(con.execute("SELECT key, value FROM curate_meta WHERE key <> 'created_at'").fetchall()),
         "pool_files": con.execute("SELECT * FROM pool_files ORDER BY file_id").fetchall(),
         "views": con.execute(
-            "SELECT view_name, sql FROM duckdb_views() WHERE NOT internal AND database_name <> 'temp' "
+            "SELECT view_name, sql FROM duckdb_views() WHERE NOT internal AND NOT temporary "
             "ORDER BY view_name").fetchall(),
         "macros": con.execute(
             "SELECT function_name, macro_definition FROM duckdb_functions() "
             "WHERE function_type IN ('macro', 'table_macro') AND NOT internal "
             "AND database_name <> 'temp' ORDER BY 1").fetchall(),
         "tables": con.execute(
-            "SELECT table_name, sql FROM duckdb_tables() WHERE database_name <> 'temp' ORDER BY 1").fetchall(),
+            "SELECT table_name, sql FROM duckdb_tables() WHERE NOT temporary ORDER BY 1").fetchall(),
     }
     con.close()
     return out

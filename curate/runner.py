@@ -33,6 +33,7 @@ from curate import __version__
 from curate.atomic import write_json
 from curate.catalog import connect, default_catalog
 from curate.errors import CurateError
+from curate.producers import ensure_features, needed_producers, producer
 from curate.subset import subset_to_arrow, write_subset
 from curate.uids import BadUid, hex_array_to_pairs, sort_pairs
 
@@ -194,10 +195,20 @@ def run_filter(filter_path, catalog=None, out=None, sets=None, progress=False) -
     catalog = Path(catalog) if catalog else default_catalog()
     out = Path(out) if out else Path("subsets") / (Path(filter_path).stem + ".npy")
     con = connect(catalog)
-    if progress:
-        con.execute("SET enable_progress_bar = true")
     flt = load_filter(filter_path, con)
     query, params = prepare(con, flt, sets or {})
+    features = {}
+    if needed_producers(flt.text):
+        con.close()  # producers open the catalog read-write
+        built = ensure_features(catalog, flt.text, params, progress=progress)
+        for view in needed_producers(flt.text):
+            describe = getattr(producer(view), "describe", None)
+            features[view] = {"built_now": view in built, **(describe(catalog, params) if describe else {})}
+        con = connect(catalog)
+        flt = load_filter(filter_path, con)
+        query, params = prepare(con, flt, sets or {})
+    if progress:
+        con.execute("SET enable_progress_bar = true")
     try:
         rel = con.sql(query)
         columns, types = rel.columns, rel.types
@@ -212,7 +223,7 @@ def run_filter(filter_path, catalog=None, out=None, sets=None, progress=False) -
         raise FilterError(f"{flt.path}: column `uid` has type {types[0]}, expected VARCHAR (32 hex characters)")
     his, los, seen = [], [], 0
     try:
-        reader = con.execute(query).fetch_record_batch(1 << 20)
+        reader = con.execute(query).to_arrow_reader(1 << 20)
         for batch in reader:
             col = batch.column(0)
             try:
@@ -238,6 +249,7 @@ def run_filter(filter_path, catalog=None, out=None, sets=None, progress=False) -
         "filter": str(flt.path),
         "filter_sha256": flt.sha256,
         "params": {k: _json_value(v) for k, v in params.items()},
+        "features": features,
         "catalog": str(catalog.resolve()),
         "pool_rows": pool_rows,
         "count": int(len(hi)),

@@ -1,0 +1,65 @@
+"""Shared fixtures: small hand-made pools written as real parquet files, and catalogs over them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from curate.catalog import init_catalog
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def uid_of(i: int) -> str:
+    """A deterministic, valid uid for test row i (spread over the 128-bit range)."""
+    return f"{(i * 0x9E3779B97F4A7C15) % (1 << 64):016x}{(i * 0xC2B2AE3D27D4EB4F + 1) % (1 << 64):016x}"
+
+
+def pool_table(rows: list[dict]) -> pa.Table:
+    """A CommonPool-schema table; missing fields get plain defaults."""
+    cols = {
+        "uid": pa.string(), "url": pa.string(), "text": pa.string(),
+        "original_width": pa.int64(), "original_height": pa.int64(),
+        "clip_b32_similarity_score": pa.float32(), "clip_l14_similarity_score": pa.float32(),
+        "face_bboxes": pa.list_(pa.list_(pa.float64())), "sha256": pa.string(),
+    }
+    defaults = {"url": "http://x/1.jpg", "text": "a photo of a dog", "original_width": 256,
+                "original_height": 256, "clip_b32_similarity_score": 0.3,
+                "clip_l14_similarity_score": 0.3, "face_bboxes": [], "sha256": "0" * 64}
+    data = {c: [r.get(c, defaults.get(c)) for r in rows] for c in cols}
+    return pa.table({c: pa.array(v, t) for (c, t), v in zip(cols.items(), data.values())})
+
+
+@pytest.fixture
+def make_catalog(tmp_path):
+    """make_catalog([[row, ...], [row, ...]]) -> catalog path over one parquet file per list."""
+    counter = {"n": 0}
+
+    def make(files: list[list[dict]], **kw) -> Path:
+        counter["n"] += 1
+        root = tmp_path / f"pool{counter['n']}"
+        meta = root / "metadata"
+        meta.mkdir(parents=True)
+        for i, rows in enumerate(files):
+            pq.write_table(pool_table(rows), meta / f"{i:04d}.parquet", row_group_size=max(1, len(rows) // 2 or 1))
+        return init_catalog(root / "catalog.duckdb", pool=root, **kw)
+
+    return make
+
+
+@pytest.fixture
+def chdir_tmp(tmp_path):
+    old = os.getcwd()
+    os.chdir(tmp_path)
+    yield tmp_path
+    os.chdir(old)
+
+
+def read_uids(path) -> list[str]:
+    arr = np.load(path)
+    return [f"{int(a):016x}{int(b):016x}" for a, b in zip(arr["f0"], arr["f1"])]
