@@ -207,8 +207,8 @@ def run_filter(filter_path, catalog=None, out=None, sets=None, progress=False) -
         con = connect(catalog)
         flt = load_filter(filter_path, con)
         query, params = prepare(con, flt, sets or {})
-    if progress:
-        con.execute("SET enable_progress_bar = true")
+    # DuckDB's bar writes to stdout; only show it to a person at a terminal
+    con.execute(f"SET enable_progress_bar = {'true' if progress else 'false'}")
     try:
         rel = con.sql(query)
         columns, types = rel.columns, rel.types

@@ -9,34 +9,33 @@ CREATE OR REPLACE MACRO uid_hex(hi, lo) AS printf('%016x%016x', hi, lo);
 
 -- DataComp keeps `score >= threshold`, compared in float32 (numpy casts the Python float to the
 -- column's float32), and never keeps a NaN or NULL score. DuckDB alone would keep NaN: it orders
--- NaN above every number.
+-- NaN above every number. (Not wrapped in coalesce() so DuckDB can push it into the parquet
+-- scan; it is NULL, i.e. not kept, for a NULL score.)
 CREATE OR REPLACE MACRO datacomp_ge(score, threshold) AS
-    coalesce(score::FLOAT >= CAST(threshold AS FLOAT) AND NOT isnan(score::FLOAT), false);
+    (score >= CAST(threshold AS FLOAT) AND NOT isnan(score));
+
+-- A monotonic histogram bucket for a score (fine-grained on [-2, 2], clamped outside; NULL for
+-- NaN and NULL, tested first because least/greatest skip NULLs): equal scores share a bucket
+-- and a higher bucket holds only higher scores.
+CREATE OR REPLACE MACRO score_bucket(x) AS
+    CASE WHEN x IS NULL OR isnan(x) THEN NULL ELSE greatest(least(floor(x::DOUBLE * 4096), 8192), -8192)::INTEGER END;
 
 -- DataComp's get_threshold, exactly: n = int(N * fraction) over ALL N pool rows (NaN included),
--- threshold = the value at 0-based position n of the non-NaN scores sorted descending.
--- If fewer than n+1 scores are numbers DataComp's threshold is NaN and nothing is kept: NULL here.
--- Computed as histogram-then-refine (two cheap passes over one column) instead of a full sort.
--- `score` must be a column of `pool`.
+-- threshold = the value at 0-based position n of the non-NaN scores sorted descending; rows with
+-- score >= threshold are kept, so ties at the threshold are all kept. If fewer than n+1 scores
+-- are numbers, DataComp's threshold is NaN and nothing is kept: NULL here.
+-- Histogram-then-refine: one pass counts rows per bucket, a second sorts only the bucket that
+-- holds position n, instead of sorting the whole column. `score` must be a column of `pool`.
 CREATE OR REPLACE MACRO fraction_threshold(score, fraction) AS (
     WITH s AS (SELECT score::FLOAT AS x FROM pool),
-    stats AS (
-        SELECT count(*) AS n_all,
-               floor(count(*)::DOUBLE * fraction::DOUBLE)::BIGINT AS k,
-               min(x::DOUBLE) FILTER (WHERE NOT isnan(x)) AS lo,
-               max(x::DOUBLE) FILTER (WHERE NOT isnan(x)) AS hi
-        FROM s),
-    b AS (
-        SELECT x, CASE WHEN hi > lo THEN least(floor((x::DOUBLE - lo) / (hi - lo) * 4096), 4095)::INT
-                       ELSE 0 END AS bucket
-        FROM s, stats WHERE NOT isnan(x)),
-    h AS (SELECT bucket, count(*) AS c FROM b GROUP BY bucket),
-    cum AS (SELECT bucket, c, sum(c) OVER (ORDER BY bucket DESC) - c AS above FROM h),
+    h AS (SELECT score_bucket(x) AS bucket, count(*) AS c FROM s GROUP BY ALL),
+    stats AS (SELECT sum(c) AS n_all, floor(sum(c)::DOUBLE * fraction::DOUBLE)::BIGINT AS k FROM h),
+    cum AS (SELECT bucket, c, sum(c) OVER (ORDER BY bucket DESC) - c AS above FROM h WHERE bucket IS NOT NULL),
     target AS (SELECT bucket, above FROM cum, stats WHERE above <= k AND k < above + c)
     SELECT CASE
-        WHEN fraction::DOUBLE < 0 OR fraction::DOUBLE >= 1 OR fraction IS NULL
+        WHEN fraction IS NULL OR fraction::DOUBLE < 0 OR fraction::DOUBLE >= 1
             THEN error('fraction must be in [0, 1), got ' || coalesce(fraction::VARCHAR, 'NULL'))
-        ELSE (SELECT x FROM b, target, stats WHERE b.bucket = target.bucket
+        ELSE (SELECT x FROM s, target WHERE score_bucket(x) = target.bucket
               ORDER BY x DESC LIMIT 1 OFFSET (SELECT k - above FROM stats, target))
         END
 );
