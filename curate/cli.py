@@ -49,7 +49,11 @@ catalog_option = click.option(
               help="Subset file to write (default: subsets/FILTER.npy); a .json manifest goes beside it.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override a parameter the filter declares with SET VARIABLE (repeatable).")
-def run_cmd(filter_file, catalog, out, sets):
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this process with DuckDB; ray: one task per pool file on a Ray cluster.")
+@click.option("--ray-address", default=None, metavar="ADDRESS",
+              help="Ray cluster to join (e.g. auto); default: start Ray locally. Only with --engine ray.")
+def run_cmd(filter_file, catalog, out, sets, engine, ray_address):
     """Run a SQL filter and write a DataComp subset file (sorted u8,u8 .npy).
 
     \b
@@ -58,8 +62,16 @@ def run_cmd(filter_file, catalog, out, sets):
     """
     from curate.runner import parse_sets, run_filter
 
-    res = run_filter(filter_file, catalog=catalog, out=out, sets=parse_sets(sets),
-                     progress=sys.stderr.isatty())
+    if ray_address and engine != "ray":
+        raise CurateError("--ray-address needs --engine ray")
+    if engine == "ray":
+        from curate.distributed.runner import run_filter_ray
+
+        res = run_filter_ray(filter_file, catalog=catalog, out=out, sets=parse_sets(sets),
+                             progress=sys.stderr.isatty(), address=ray_address)
+    else:
+        res = run_filter(filter_file, catalog=catalog, out=out, sets=parse_sets(sets),
+                         progress=sys.stderr.isatty())
     pct = 100.0 * res.count / res.pool_rows if res.pool_rows else 0.0
     params = ", ".join(f"{k}={v}" for k, v in res.params.items())
     click.echo(f"{filter_file}: kept {res.count:,} of {res.pool_rows:,} samples ({pct:.2f}%), "
@@ -82,6 +94,8 @@ def lint_cmd(filter_file, catalog):
     rep = lint_filter(filter_file, catalog)
     for err in rep.errors:
         click.echo(f"error: {err}", err=True)
+    for note in rep.notes:
+        click.echo(f"note: {note}")
     if rep.ok:
         click.echo(f"{filter_file}: ok; reads {', '.join(rep.tables) or 'no table'}; "
                    f"functions: {', '.join(rep.functions) or 'none'}; "
@@ -214,7 +228,18 @@ def sample_pool_cmd(out, files, rows_per_file, seed, npz, shards, fast):
 
 # Command groups that live in their own modules; each module defines click commands and a
 # `register(main)` function.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = [
+    "curate.download_cli",
+    "curate.features_cli",
+    "curate.clusters_cli",
+    "curate.reshard_cli",
+    "curate.tic.cli",
+    "curate.poolbuild_cli",
+    "curate.distributed.cli",
+    "curate.train_cli",
+    "curate.evaluate_cli",
+    "curate.demo_cli",
+]
 
 for _name in COMMAND_MODULES:
     importlib.import_module(_name).register(main)

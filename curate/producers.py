@@ -25,7 +25,10 @@ import importlib
 import sqlglot
 
 #: view name -> "module:attribute" of the producer object
-PRODUCERS: dict[str, str] = {}
+PRODUCERS: dict[str, str] = {
+    "cluster_assignments": "curate.clusters:ASSIGNMENTS",
+    "text_features": "curate.textfeatures:PRODUCER",
+}
 
 
 def producer(view: str):

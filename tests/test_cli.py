@@ -85,3 +85,13 @@ def test_every_command_has_help_with_an_example():
     for args in (["run"], ["lint"], ["catalog", "init"], ["subset", "info"], ["subset", "to-parquet"], ["sample-pool"]):
         res = invoke(*args, "--help")
         assert res.exit_code == 0 and "Example" in res.output, args
+
+
+def test_run_engine_ray_gives_the_same_bytes(tmp_path):
+    flt = REPO / "filters" / "clip_score_l14_30pct.sql"
+    assert invoke("run", flt, "-o", tmp_path / "local.npy").exit_code == 0
+    res = invoke("run", flt, "--engine", "ray", "-o", tmp_path / "ray.npy")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "ray.npy").read_bytes() == (tmp_path / "local.npy").read_bytes()
+    res = invoke("run", flt, "--ray-address", "auto", "-o", tmp_path / "x.npy")
+    assert res.exit_code == 1 and "--ray-address needs --engine ray" in res.output

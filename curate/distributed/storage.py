@@ -1,0 +1,165 @@
+"""Where distributed runs read and write: local paths or object-storage URLs through fsspec.
+
+Every path the Ray engine touches (pool parquet files, feature files, its work directory, the
+subset it writes) may be a local path or a URL such as ``s3://bucket/pool/x.parquet``. Local
+paths keep the house rule "write a temporary name, then rename" (:mod:`curate.atomic`). Object
+stores have no rename, but an upload becomes visible only when it completes, so a remote output
+is written straight to its key and discarded (never committed) if writing fails; a killed
+process leaves an unfinished multipart upload, never a partial object.
+
+DuckDB reads remote files through the same fsspec filesystem object
+(:func:`register_filesystems`), so no DuckDB extension (``httpfs`` cannot be installed offline)
+is needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+import fsspec
+
+from curate.atomic import atomic_path
+from curate.errors import CurateError
+
+
+class StorageError(CurateError):
+    """A remote path that cannot be read or written."""
+
+
+def is_url(path) -> bool:
+    """True for ``proto://...`` paths other than ``file://``."""
+    s = str(path)
+    return "://" in s and not s.startswith("file://")
+
+
+def local_path(path) -> Path:
+    s = str(path)
+    return Path(s[len("file://"):]) if s.startswith("file://") else Path(s)
+
+
+def filesystem(url: str, storage_options: dict | None = None):
+    """The fsspec filesystem and in-filesystem path for a URL."""
+    try:
+        fs, path = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
+    except (ImportError, ValueError) as e:
+        raise StorageError(f"{url}: no filesystem for this URL ({e})") from None
+    return fs, path
+
+
+def join(base, *parts: str) -> str:
+    """Join path parts onto a local path or a URL."""
+    if is_url(base):
+        return "/".join([str(base).rstrip("/"), *parts])
+    return str(local_path(base).joinpath(*parts))
+
+
+def exists(path, storage_options: dict | None = None) -> bool:
+    if not is_url(path):
+        return local_path(path).exists()
+    fs, p = filesystem(path, storage_options)
+    return fs.exists(p)
+
+
+@contextlib.contextmanager
+def open_output(path, storage_options: dict | None = None):
+    """A binary file to write ``path`` into, visible under its name only once complete."""
+    if not is_url(path):
+        with atomic_path(local_path(path)) as tmp:
+            with open(tmp, "wb") as f:
+                yield f
+        return
+    fs, p = filesystem(path, storage_options)
+    f = fs.open(p, "wb")
+    try:
+        yield f
+    except BaseException:
+        # closing would commit the partial upload; discard aborts it instead
+        discard = getattr(f, "discard", None)
+        if discard is not None:
+            discard()
+        raise
+    try:
+        f.close()
+    except Exception as e:  # noqa: BLE001 - report the remote failure as the user's path
+        raise StorageError(f"{path}: upload failed ({e})") from None
+
+
+def open_input(path, storage_options: dict | None = None):
+    if not is_url(path):
+        return open(local_path(path), "rb")
+    fs, p = filesystem(path, storage_options)
+    return fs.open(p, "rb")
+
+
+def read_range(path, start: int, stop: int, storage_options: dict | None = None) -> bytes:
+    """Bytes ``[start, stop)`` of a file (a ranged GET on object storage)."""
+    if stop <= start:
+        return b""
+    if not is_url(path):
+        with open(local_path(path), "rb") as f:
+            f.seek(start)
+            return f.read(stop - start)
+    fs, p = filesystem(path, storage_options)
+    return fs.cat_file(p, start=start, end=stop)
+
+
+def write_json(path, obj, storage_options: dict | None = None) -> None:
+    data = (json.dumps(obj, indent=2, default=str) + "\n").encode()
+    with open_output(path, storage_options) as f:
+        f.write(data)
+
+
+def read_json(path, storage_options: dict | None = None):
+    with open_input(path, storage_options) as f:
+        return json.loads(f.read())
+
+
+def remove_tree(path, storage_options: dict | None = None) -> None:
+    """Delete a work directory (local or remote); missing is fine."""
+    if not is_url(path):
+        import shutil
+
+        shutil.rmtree(local_path(path), ignore_errors=True)
+        return
+    fs, p = filesystem(path, storage_options)
+    if fs.exists(p):
+        fs.rm(p, recursive=True)
+
+
+def copy(src, dest, storage_options: dict | None = None) -> None:
+    """Copy one file between any two locations (streamed, atomic at the destination)."""
+    with open_input(src, storage_options) as fin, open_output(dest, storage_options) as fout:
+        while chunk := fin.read(1 << 24):
+            fout.write(chunk)
+
+
+def register_filesystems(con, paths, storage_options: dict | None = None) -> None:
+    """Let DuckDB read the remote ``paths`` (``read_parquet('s3://...')``) through fsspec."""
+    done = set()
+    for p in paths:
+        if p is None or not is_url(p):
+            continue
+        proto = str(p).split("://", 1)[0]
+        if proto in done:
+            continue
+        fs, _ = filesystem(p, storage_options)
+        con.register_filesystem(fs)
+        done.add(proto)
+        done.update(fs.protocol if isinstance(fs.protocol, (tuple, list)) else [fs.protocol])
+
+
+def storage_options_from_env() -> dict | None:
+    """``$CURATE_STORAGE_OPTIONS`` (a JSON object of fsspec options), if set."""
+    raw = os.environ.get("CURATE_STORAGE_OPTIONS")
+    if not raw:
+        return None
+    try:
+        opts = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise StorageError(f"$CURATE_STORAGE_OPTIONS: not JSON ({e.msg} at character {e.pos})") from None
+    if not isinstance(opts, dict):
+        raise StorageError("$CURATE_STORAGE_OPTIONS: must be a JSON object of fsspec options")
+    return opts

