@@ -33,8 +33,11 @@ from curate.errors import CurateError
               help="Catalog whose shard index covers the input (from `curate shards index`); "
               "also the source of face boxes for --apply-blur.")
 @click.option("--overwrite", is_flag=True, help="Replace the contents of a non-empty output dir.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: worker processes here; ray: one task per output shard on a Ray cluster.")
+@click.option("--ray-address", default=None, metavar="ADDRESS", help="Ray cluster to join (with --engine ray).")
 def reshard_cmd(inputs, output_dir, subset_file, shard_size, workers, cls_file, apply_blur,
-                inject_blur_metadata, catalog, overwrite):
+                inject_blur_metadata, catalog, overwrite, engine, ray_address):
     """Write webdataset shards holding exactly the samples of a subset file.
 
     Only input shards holding selected samples are read (planned from the shard index). A
@@ -51,7 +54,7 @@ def reshard_cmd(inputs, output_dir, subset_file, shard_size, workers, cls_file, 
                   workers=workers, apply_blur=apply_blur, inject_blur_metadata=inject_blur_metadata,
                   overwrite=overwrite, catalog=catalog,
                   blur_from_catalog=bool(catalog) and (apply_blur or inject_blur_metadata),
-                  progress=sys.stderr.isatty())
+                  progress=sys.stderr.isatty(), engine=engine, ray_address=ray_address)
     for line in res.summary():
         click.echo(line)
     rate = res.output_count / res.elapsed if res.elapsed else 0.0

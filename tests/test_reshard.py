@@ -421,3 +421,10 @@ def test_changed_input_is_not_resumed(tmp_path, pool):
     write_tar(pool / "00000001.tar", [("000000010000", U[4], FULL)])  # an input tar changed since
     with pytest.raises(ReshardError, match="output of a different reshard job"):
         reshard(pool, tmp_path / "out", sub, workers=1)
+
+
+def test_ray_engine_writes_the_same_bytes(tmp_path, pool):
+    sub = subset(tmp_path / "s.npy", [U[i] for i in range(7)] + [U[3]])
+    reshard(pool, tmp_path / "local", sub, shard_size=3, workers=1)
+    reshard(pool, tmp_path / "ray", sub, shard_size=3, engine="ray")
+    assert dir_bytes(tmp_path / "ray") == dir_bytes(tmp_path / "local")
