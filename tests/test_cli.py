@@ -95,3 +95,14 @@ def test_run_engine_ray_gives_the_same_bytes(tmp_path):
     assert (tmp_path / "ray.npy").read_bytes() == (tmp_path / "local.npy").read_bytes()
     res = invoke("run", flt, "--ray-address", "auto", "-o", tmp_path / "x.npy")
     assert res.exit_code == 1 and "--ray-address needs --engine ray" in res.output
+
+
+def test_features_text_engine_ray(tmp_path):
+    from curate.catalog import connect, init_catalog
+
+    cat = init_catalog(tmp_path / "c.duckdb", pool=REPO / "data" / "sample_pool", features_dir=tmp_path / "feat")
+    res = invoke("features", "text", cat, "--engine", "ray")
+    assert res.exit_code == 0, res.output
+    assert "computed 2 file(s)" in res.output
+    con = connect(cat)
+    assert con.execute("SELECT count(*), count(DISTINCT uid) FROM text_features").fetchone() == (2000, 2000)
