@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import decimal
 import hashlib
-import json
 import platform
 import re
 import sys
@@ -181,6 +180,17 @@ def prepare(con, flt: FilterFile, sets: dict) -> tuple[str, dict]:
     return query, params
 
 
+def filter_features(catalog, flt: FilterFile, params: dict, progress: bool) -> dict:
+    """Build the feature views ``flt`` references that are missing or stale, and describe them
+    for the manifest. Call with no connection to ``catalog`` open (producers write to it)."""
+    built = ensure_features(catalog, flt.text, params, progress=progress)
+    features = {}
+    for view in needed_producers(flt.text):
+        describe = getattr(producer(view), "describe", None)
+        features[view] = {"built_now": view in built, **(describe(catalog, params) if describe else {})}
+    return features
+
+
 def _json_value(v):
     if isinstance(v, decimal.Decimal):
         return float(v)
@@ -200,10 +210,7 @@ def run_filter(filter_path, catalog=None, out=None, sets=None, progress=False) -
     features = {}
     if needed_producers(flt.text):
         con.close()  # producers open the catalog read-write
-        built = ensure_features(catalog, flt.text, params, progress=progress)
-        for view in needed_producers(flt.text):
-            describe = getattr(producer(view), "describe", None)
-            features[view] = {"built_now": view in built, **(describe(catalog, params) if describe else {})}
+        features = filter_features(catalog, flt, params, progress)
         con = connect(catalog)
         flt = load_filter(filter_path, con)
         query, params = prepare(con, flt, sets or {})

@@ -231,8 +231,6 @@ def write_shards(shards_dir: Path, table: pa.Table, concept, first_shard: int, r
     uids = table.column("uid").to_pylist()
     texts = table.column("text").to_pylist()
     urls = table.column("url").to_pylist()
-    ow = table.column("original_width").to_pylist()
-    oh = table.column("original_height").to_pylist()
     boxes = table.column("face_bboxes").to_pylist()
     pool_sha = table.column("sha256").to_pylist()
     for s0 in range(0, n, SAMPLES_PER_SHARD):

@@ -44,8 +44,8 @@ from curate.distributed.partition import (capture_variables, file_keyed_views, f
                                           threshold_pass)
 from curate.distributed.plan import extract_fraction_thresholds, row_local_problem
 from curate.distributed.threshold import PASSES, exact_threshold
-from curate.producers import ensure_features, needed_producers, producer
-from curate.runner import FilterError, RunResult, _json_value, _one_line, load_filter, prepare
+from curate.producers import needed_producers
+from curate.runner import FilterError, RunResult, _json_value, _one_line, filter_features, load_filter, prepare
 
 LAYOUTS = ("file", "buckets")
 
@@ -101,10 +101,7 @@ def run_filter_ray(filter_path, catalog=None, out=None, sets=None, progress=Fals
     features = {}
     if needed_producers(flt.text):
         con.close()  # producers open the catalog read-write
-        built = ensure_features(catalog, flt.text, params, progress=progress)
-        for view in needed_producers(flt.text):
-            describe = getattr(producer(view), "describe", None)
-            features[view] = {"built_now": view in built, **(describe(catalog, params) if describe else {})}
+        features = filter_features(catalog, flt, params, progress)
         con, ctx, flt = _open(catalog, filter_path, storage_options)
         query, params = prepare(con, flt, sets or {})
     rewritten, calls = extract_fraction_thresholds(query)
