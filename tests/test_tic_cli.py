@@ -65,3 +65,29 @@ def test_errors_are_one_line(make_catalog, tmp_path):
     assert r.exit_code == 1 and "no timesplit view" in r.output
     r = run("tic", "--help")
     assert all(c in r.output for c in ("attach", "export", "plan", "stats", "artifacts"))
+
+
+def test_export_engine_ray_matches_local(tmp_path):
+    from curate.catalog import init_catalog
+    from tests.conftest import REPO
+
+    cat = init_catalog(tmp_path / "c.duckdb", pool=REPO / "data" / "sample_pool", features_dir=tmp_path / "feat")
+    assert run("tic", "artifacts", cat, "--out", tmp_path / "art").exit_code == 0
+    assert run("tic", "attach", cat, "--tic-dir", tmp_path / "art").exit_code == 0
+    flt = REPO / "filters" / "clip_score_b32_threshold.sql"
+    for engine in ("local", "ray"):
+        r = run("tic", "export", cat, "--out", tmp_path / engine, "--filter", flt, "--engine", engine)
+        assert r.exit_code == 0, r.output
+    assert "on ray" in r.output
+
+    def files(root):
+        return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*"))
+                if p.is_file() and "filter" not in p.parts and ".reshard" not in p.parts
+                and p.name not in ("meta.json", "export.json")}  # these record paths and times
+
+    local, ray = files(tmp_path / "local"), files(tmp_path / "ray")
+    assert local.keys() == ray.keys() and any(str(k).endswith(".tar") for k in local)
+    assert all(local[k] == ray[k] for k in local)
+    import json
+    manifests = [json.loads((tmp_path / e / "export.json").read_text()) for e in ("local", "ray")]
+    assert manifests[0]["yearly"] == manifests[1]["yearly"] and manifests[0]["monthly"] == manifests[1]["monthly"]

@@ -25,6 +25,7 @@ from click.testing import CliRunner
 
 from curate.cli import main
 from curate.errors import CurateError
+from curate.tic import TicError
 from curate.tic.plan import buffer_shares, make_plan, parse_steps, read_plan, step_years, write_plan
 
 SIZES = {"2014": 100, "2015": 100, "2016": 200, "2017": 400, "2018": 400, "2019": 600}
@@ -167,3 +168,17 @@ def test_cli_plan(tmp_path):
     r = CliRunner().invoke(main, ["tic", "plan", "--strategy", "sequential", "--steps", "2016,2015",
                                   "--sizes", str(tmp_path), "--out", str(tmp_path / "q.json")])
     assert r.exit_code == 1 and "error: --steps '2016,2015': years must increase" in r.output
+
+
+def test_first_year_for_other_timestamped_pools():
+    # TiC-YFCC15M's groups 2004-08, 2009-10: the first step covers 2004..2008
+    assert parse_steps("2008,2010", first_year=2004) == [2008, 2010]
+    assert step_years([2008, 2010], first_year=2004) == [[2004, 2005, 2006, 2007, 2008], [2009, 2010]]
+    sizes = {y: 10 * (y - 2003) for y in range(2004, 2011)}  # 10, 20, ..., 70
+    p = make_plan("cumulative-all", [2008, 2010], 100, sizes, first_year=2004)
+    first = p["steps"][0]["data"]
+    assert sorted(y for d in first for y in d["years"]) == [2004, 2005, 2006, 2007, 2008]
+    with pytest.raises(TicError, match="before the first year"):
+        parse_steps("2003,2008", first_year=2004)
+    with pytest.raises(TicError, match="out of range"):
+        parse_steps("2008,2010")  # TiC-DataComp's range without --first-year

@@ -59,7 +59,11 @@ def attach_cmd(catalog, tic_dir):
 @click.option("--shards", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Pool shard dir for the eval sets (default: the catalog's shards dir).")
 @click.option("--workers", "-j", type=int, default=None, help="Reshard worker processes.")
-def export_cmd(catalog, out, filter_path, sets, eval_sets, shards, workers):
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="ray: a .sql --filter runs per pool file on Ray and the eval sets are resharded as Ray "
+                   "tasks; the one streaming pass that writes the split files stays on this machine.")
+@click.option("--ray-address", default=None, metavar="ADDRESS", help="Ray cluster to join (with --engine ray).")
+def export_cmd(catalog, out, filter_path, sets, eval_sets, shards, workers, engine, ray_address):
     """Write every yearly and monthly subset file (one pass) and the eval sets.
 
     \b
@@ -70,7 +74,16 @@ def export_cmd(catalog, out, filter_path, sets, eval_sets, shards, workers):
     from curate.runner import parse_sets
     from curate.tic.export import export_splits
 
-    r = export_splits(catalog, out, filter_path, parse_sets(sets), progress=sys.stderr.isatty())
+    sets = parse_sets(sets)
+    if engine == "ray" and filter_path and str(filter_path).endswith(".sql"):
+        from curate.distributed.runner import run_filter_ray
+
+        subset = Path(out) / "filter" / (Path(filter_path).stem + ".npy")
+        fr = run_filter_ray(filter_path, catalog=catalog, out=subset, sets=sets, progress=sys.stderr.isatty(),
+                            address=ray_address)
+        click.echo(f"filter {filter_path} on ray: {fr.count:,} uids -> {subset}")
+        filter_path, sets = subset, {}
+    r = export_splits(catalog, out, filter_path, sets, progress=sys.stderr.isatty())
     n_train = sum(r.yearly.values())
     click.echo(f"read {r.rows_read:,} timestamped samples of {r.pool_rows:,}"
                + (f" (training splits ∩ {r.filter})" if r.filter else ""))
@@ -95,7 +108,8 @@ def export_cmd(catalog, out, filter_path, sets, eval_sets, shards, workers):
     from curate.tic.evalsets import reshard_eval_sets
 
     t0 = time.perf_counter()
-    e = reshard_eval_sets(out, shards, catalog=catalog, workers=workers, progress=sys.stderr.isatty())
+    e = reshard_eval_sets(out, shards, catalog=catalog, workers=workers, progress=sys.stderr.isatty(),
+                          engine=engine, ray_address=ray_address)
     click.echo(f"eval sets: {sum(e.dirs.values()):,} samples in {len(e.dirs)} clip_benchmark dirs under "
                f"{out / 'eval'} (read {e.input_shards_read} of {e.input_shards_total} pool shards) "
                f"in {time.perf_counter() - t0:.2f}s")
@@ -108,7 +122,7 @@ def export_cmd(catalog, out, filter_path, sets, eval_sets, shards, workers):
 @click.option("--strategy", required=True,
               type=click.Choice(["sequential", "cumulative-all", "cumulative-exp", "cumulative-equal",
                                  "restart", "oracle"]))
-@click.option("--steps", required=True, help="Comma-separated step years; the first covers 2014..it.")
+@click.option("--steps", required=True, help="Comma-separated step years; the first covers --first-year..it.")
 @click.option("--budget", type=int, default=None, help="Samples seen per step (default: the scale's).")
 @click.option("--sizes", required=True, type=click.Path(path_type=Path),
               help="Export dir of `curate tic export` (uses yearly/sizes.json) or a sizes.json.")
@@ -122,8 +136,10 @@ def export_cmd(catalog, out, filter_path, sets, eval_sets, shards, workers):
 @click.option("--replay-root", default="tic/replay", show_default=True, help="Where replay buffers are resharded.")
 @click.option("--runs-root", default="runs/tic", show_default=True, help="Training output root.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the replay-buffer sampling.")
+@click.option("--first-year", default=2014, show_default=True,
+              help="First year of the first step (TiC-DataComp: 2014; TiC-YFCC15M: 2004; TiC-RedCaps: 2017).")
 def plan_cmd(strategy, steps, budget, sizes, out, scale, buffer, warm_start_warmup, splits_root, replay_root,
-             runs_root, seed):
+             runs_root, seed, first_year):
     """Write a continual-training plan (per step: data mixture, warm start, warmup, samples).
 
     \b
@@ -136,7 +152,8 @@ def plan_cmd(strategy, steps, budget, sizes, out, scale, buffer, warm_start_warm
 
     cfg = scale_config(scale)
     sz, src = load_sizes(sizes)
-    plan = make_plan(strategy, parse_steps(steps), budget or int(cfg["train_num_samples"]), sz, sizes_source=src,
+    plan = make_plan(strategy, parse_steps(steps, first_year), budget or int(cfg["train_num_samples"]), sz,
+                     sizes_source=src, first_year=first_year,
                      scale=scale, warmup=int(cfg["warmup"]), warm_start_warmup=warm_start_warmup, buffer=buffer,
                      splits_root=splits_root, replay_root=replay_root, runs_root=runs_root, seed=seed,
                      export_dir=str(sizes if sizes.is_dir() else Path(src).parent.parent))

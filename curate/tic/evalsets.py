@@ -81,7 +81,8 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def reshard_eval_sets(export_dir, shards, catalog=None, workers: int | None = None,
-                      progress: bool = False, shard_size: int = 10000) -> EvalSetResult:
+                      progress: bool = False, shard_size: int = 10000, engine: str = "local",
+                      ray_address: str | None = None) -> EvalSetResult:
     """Reshard every eval subset under ``export_dir/eval`` from ``shards`` (one multi-output job)."""
     from curate.reshard import Output, ReshardError, reshard_many
 
@@ -106,7 +107,7 @@ def reshard_eval_sets(export_dir, shards, catalog=None, workers: int | None = No
     for _ in range(len(outputs) + 1):
         try:
             results = reshard_many(inputs, outputs, catalog=catalog, workers=workers, progress=progress,
-                                   shard_size=shard_size)
+                                   shard_size=shard_size, engine=engine, ray_address=ray_address)
             break
         except ReshardError as e:
             # .reshard/ is ours: a staging dir left by an earlier export of other eval uids (or by

@@ -40,21 +40,31 @@ FORMAT = "curate.tic.plan/1"
 FIRST_YEAR = 2014
 
 
-def parse_steps(text: str) -> list[int]:
-    """``"2016,2017,...,2022"`` -> years; strictly increasing, each in TiC's range."""
+def parse_steps(text: str, first_year: int = FIRST_YEAR) -> list[int]:
+    """``"2016,2017,...,2022"`` -> years; strictly increasing, each in TiC's range (or, for other
+    timestamped pools such as TiC-YFCC15M, from ``first_year`` on)."""
     parts = [p.strip() for p in str(text).split(",") if p.strip()]
     if not parts:
         raise TicError("--steps is empty; give years like 2016,2017,2018")
-    years = [check_year(p, f"--steps {text!r}") for p in parts]
+    if first_year == FIRST_YEAR:
+        years = [check_year(p, f"--steps {text!r}") for p in parts]
+    else:
+        years = []
+        for p in parts:
+            if not p.isdigit() or len(p) != 4:
+                raise TicError(f"--steps {text!r}: {p!r} is not a year (YYYY)")
+            years.append(int(p))
+    if years[0] < first_year:
+        raise TicError(f"--steps {text!r}: the first step {years[0]} is before the first year {first_year}")
     for a, b in zip(years, years[1:]):
         if b <= a:
             raise TicError(f"--steps {text!r}: years must increase ({a} then {b})")
     return years
 
 
-def step_years(steps: list[int]) -> list[list[int]]:
-    """The years each step covers: 2014..steps[0], then (steps[i-1], steps[i]]."""
-    out, prev = [], FIRST_YEAR - 1
+def step_years(steps: list[int], first_year: int = FIRST_YEAR) -> list[list[int]]:
+    """The years each step covers: first_year..steps[0], then (steps[i-1], steps[i]]."""
+    out, prev = [], first_year - 1
     for y in steps:
         out.append(list(range(prev + 1, y + 1)))
         prev = y
@@ -101,7 +111,8 @@ def load_sizes(path) -> tuple[dict, str]:
 def make_plan(strategy: str, steps: list[int], budget: int, sizes: dict, *, sizes_source: str = "sizes",
               scale: str = "tic_medium", warmup: int = 500, warm_start_warmup: int = 0,
               buffer: int | None = None, splits_root: str = "tic/train", replay_root: str = "tic/replay",
-              runs_root: str = "runs/tic", seed: int = 0, export_dir: str | None = None) -> dict:
+              runs_root: str = "runs/tic", seed: int = 0, export_dir: str | None = None,
+              first_year: int = FIRST_YEAR) -> dict:
     """Build the plan (a dict ready for JSON) for one strategy; see the module docstring."""
     if strategy not in STRATEGIES:
         raise TicError(f"unknown strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
@@ -109,7 +120,7 @@ def make_plan(strategy: str, steps: list[int], budget: int, sizes: dict, *, size
         raise TicError(f"--budget {budget!r}: must be a positive number of samples")
     if buffer is not None and buffer < 0:
         raise TicError(f"--buffer {buffer}: must be >= 0")
-    groups = step_years(steps)
+    groups = step_years(steps, first_year)
     size = _sizes(sizes, [y for g in groups for y in g], sizes_source)
     step_size = [sum(size[y] for y in g) for g in groups]
     run_dir = f"{runs_root}/{strategy}"
