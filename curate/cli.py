@@ -137,7 +137,12 @@ def catalog_init(catalog, pool, metadata, shards, relative, overwrite):
 @catalog_group.command("info")
 @click.argument("catalog", type=click.Path(dir_okay=False, path_type=Path), required=False)
 def catalog_info(catalog):
-    """Show what a catalog holds."""
+    """Show what a catalog holds (pool size, paths, views and tables).
+
+    \b
+    Example:
+      curate catalog info small.duckdb
+    """
     from curate.catalog import connect, default_catalog, describe_catalog
 
     con = connect(catalog)
@@ -152,7 +157,14 @@ def catalog_info(catalog):
 
 @catalog_group.command("example")
 def catalog_example():
-    """Regenerate the bundled sample pool (data/sample_pool) and catalog.duckdb.example."""
+    """Regenerate the bundled sample pool (data/sample_pool) and catalog.duckdb.example.
+
+    Deterministic: the same code gives the same pool (a test checks the committed copy).
+
+    \b
+    Example:
+      curate catalog example && git status data/ catalog.duckdb.example
+    """
     from curate.example import build_example
 
     path = build_example()

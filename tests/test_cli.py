@@ -81,8 +81,20 @@ def test_lint_exit_codes(tmp_path):
     assert res.exit_code == 1 and "nope" in res.output
 
 
+def _commands(cmd, path=()):
+    import click
+
+    if isinstance(cmd, click.Group):
+        for name, sub in cmd.commands.items():
+            yield from _commands(sub, (*path, name))
+    else:
+        yield path
+
+
 def test_every_command_has_help_with_an_example():
-    for args in (["run"], ["lint"], ["catalog", "init"], ["subset", "info"], ["subset", "to-parquet"], ["sample-pool"]):
+    paths = list(_commands(main))
+    assert len(paths) > 30  # every command group registered
+    for args in paths:
         res = invoke(*args, "--help")
         assert res.exit_code == 0 and "Example" in res.output, args
 
