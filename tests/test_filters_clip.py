@@ -46,6 +46,8 @@ CASES = [
     ([.5, .9, .9, .1], 0.0, [1, 2]),
     # n beyond the numbers: N=4 (2 NaN), fraction .75 -> n=3 -> position 3 is NaN -> nothing kept
     ([.5, NAN, .9, NAN], 0.75, []),
+    # infinities and signed zeros: N=6, n=3 -> desc inf .5 0 -0 -inf -> t = -0.0 == 0 -> keep 4
+    ([math.inf, .5, 0.0, -0.0, -math.inf, NAN], 0.5, [0, 1, 2, 3]),
     # int() truncation of a float64 product: 10 * 0.7 = 7.000000000000001 -> n = 7
     ([i / 10 for i in range(10)], 0.7, [2, 3, 4, 5, 6, 7, 8, 9]),
 ]

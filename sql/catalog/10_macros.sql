@@ -14,11 +14,10 @@ CREATE OR REPLACE MACRO uid_hex(hi, lo) AS printf('%016x%016x', hi, lo);
 CREATE OR REPLACE MACRO datacomp_ge(score, threshold) AS
     (score >= CAST(threshold AS FLOAT) AND NOT isnan(score));
 
--- A monotonic histogram bucket for a score (fine-grained on [-2, 2], clamped outside; NULL for
--- NaN and NULL, tested first because least/greatest skip NULLs): equal scores share a bucket
--- and a higher bucket holds only higher scores.
-CREATE OR REPLACE MACRO score_bucket(x) AS
-    CASE WHEN x IS NULL OR isnan(x) THEN NULL ELSE greatest(least(floor(x::DOUBLE * 4096), 8192), -8192)::INTEGER END;
+-- A monotonic histogram bucket for a float32 score: equal scores share a bucket and a higher
+-- bucket holds only higher scores (scaling by a power of two is exact in float32; + 0.0 folds
+-- -0.0 into 0.0). NaN scores land in the NaN bucket and NULL in the NULL one; both are skipped.
+CREATE OR REPLACE MACRO score_bucket(x) AS floor(x::FLOAT * 4096) + 0.0;
 
 -- DataComp's get_threshold, exactly: n = int(N * fraction) over ALL N pool rows (NaN included),
 -- threshold = the value at 0-based position n of the non-NaN scores sorted descending; rows with
@@ -30,7 +29,8 @@ CREATE OR REPLACE MACRO fraction_threshold(score, fraction) AS (
     WITH s AS (SELECT score::FLOAT AS x FROM pool),
     h AS (SELECT score_bucket(x) AS bucket, count(*) AS c FROM s GROUP BY ALL),
     stats AS (SELECT sum(c) AS n_all, floor(sum(c)::DOUBLE * fraction::DOUBLE)::BIGINT AS k FROM h),
-    cum AS (SELECT bucket, c, sum(c) OVER (ORDER BY bucket DESC) - c AS above FROM h WHERE bucket IS NOT NULL),
+    cum AS (SELECT bucket, c, sum(c) OVER (ORDER BY bucket DESC ROWS UNBOUNDED PRECEDING) - c AS above
+            FROM h WHERE bucket IS NOT NULL AND NOT isnan(bucket)),
     target AS (SELECT bucket, above FROM cum, stats WHERE above <= k AND k < above + c)
     SELECT CASE
         WHEN fraction IS NULL OR fraction::DOUBLE < 0 OR fraction::DOUBLE >= 1
