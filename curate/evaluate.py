@@ -1,0 +1,554 @@
+"""Evaluation: DataComp's zero-shot suite and TiC's dynamic evaluation, from local webdatasets.
+
+``evaluate_run`` reads a training record (``info.json``, written by :mod:`curate.train`), loads
+the checkpoint into open_clip, and runs every task of ``eval/tasklist.yml`` whose data is on
+disk in clip_benchmark's webdataset layout. Metrics are computed the way clip_benchmark does
+(spec §6.2): a zero-shot classifier is the re-normalised mean of the L2-normalised text
+embeddings of every template per class, logits are ``100 * normalize(image) @ W``, acc1/acc5
+are top-k accuracy and ``mean_per_class_recall`` is sklearn's balanced accuracy; retrieval
+scores are normalised text x image embeddings, ``image_retrieval_recall@k`` is the fraction of
+captions whose image is in their top k, ``text_retrieval_recall@k`` the fraction of images with
+at least one of their captions in their top k, ``mean_recall@1`` their mean. Each image is
+encoded once per task.
+
+Results are appended to ``eval_results.jsonl`` one line per task (DataComp's record:
+``key``, ``dataset``, ``metrics`` with ``main_metric``), tasks already there are skipped, and a
+task whose data is absent is reported as missing — never run against a download, never
+faked. Tasks whose main metric needs per-sample metadata we do not compute (WILDS, fairness,
+WinoGAViL) are reported as unsupported.
+
+TiC (spec §7.3-7.4): ``tic_matrix`` collects every model's metric on every year's dynamic task
+into the evaluation matrix (rows: models in training order, columns: time steps) and reports
+in-distribution (diagonal), backward transfer (lower triangle) and forward transfer (upper
+triangle) averages; ``plot_matrix`` draws the heatmap.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from curate.atomic import atomic_path, write_json
+from curate.errors import CurateError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TASKLIST = REPO_ROOT / "eval" / "tasklist.yml"
+RESULTS_NAME = "eval_results.jsonl"
+TIC_KEY = re.compile(r"^tic/(?P<ds>[^/]+)/(?P<kind>retrieval|datacompnet)/(?P<scale>yearly|monthly)/(?P<split>\d{4,6})$")
+COMPUTED_METRICS = {"acc1", "acc5", "mean_per_class_recall", "mean_recall@1"}
+
+
+class EvalError(CurateError):
+    """Bad evaluation input (record, checkpoint, task list, dataset layout)."""
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def zero_shot_weights(class_text_embeddings: list[np.ndarray]) -> np.ndarray:
+    """clip_benchmark's classifier: per class, normalise each template's embedding, average,
+    re-normalise; returns D x C."""
+    cols = []
+    for e in class_text_embeddings:
+        e = np.asarray(e, dtype=np.float64)
+        e = e / np.linalg.norm(e, axis=-1, keepdims=True)
+        m = e.mean(axis=0)
+        cols.append(m / np.linalg.norm(m))
+    return np.stack(cols, axis=1)
+
+
+def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """Fraction of rows whose label is among the k largest logits (torch.topk order on ties)."""
+    import torch
+
+    t = torch.as_tensor(np.asarray(logits, dtype=np.float32))
+    pred = t.topk(min(k, t.shape[1]), dim=1, largest=True, sorted=True)[1].numpy()
+    return float((pred == np.asarray(labels)[:, None]).any(axis=1).mean())
+
+
+def balanced_accuracy(labels: np.ndarray, pred: np.ndarray) -> float:
+    """sklearn's balanced_accuracy_score: mean recall over the classes present in ``labels``."""
+    labels, pred = np.asarray(labels), np.asarray(pred)
+    recalls = [float((pred[labels == c] == c).mean()) for c in np.unique(labels)]
+    return float(np.mean(recalls))
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
+    logits, labels = np.asarray(logits), np.asarray(labels)
+    pred = logits.argmax(axis=1)
+    out = {"acc1": topk_accuracy(logits, labels, 1)}
+    if logits.shape[1] >= 5:
+        out["acc5"] = topk_accuracy(logits, labels, 5)
+    out["mean_per_class_recall"] = balanced_accuracy(labels, pred)
+    return out
+
+
+def retrieval_metrics(scores: np.ndarray, text_image: np.ndarray, ks=(1, 5, 10)) -> dict:
+    """``scores``: texts x images; ``text_image[i]``: the image caption i belongs to.
+
+    image retrieval = for each caption, is its image in the caption's top k images;
+    text retrieval = for each image, is any of its captions in the image's top k captions.
+    """
+    import torch
+
+    s = torch.as_tensor(np.asarray(scores, dtype=np.float32))
+    n_t, n_i = s.shape
+    pos = torch.zeros((n_t, n_i), dtype=torch.bool)
+    pos[torch.arange(n_t), torch.as_tensor(np.asarray(text_image))] = True
+    out = {}
+    for k in ks:
+        ki = min(k, n_i)
+        top = s.topk(ki, dim=1)[1]
+        out[f"image_retrieval_recall@{k}"] = float(pos.gather(1, top).any(dim=1).float().mean())
+        kt = min(k, n_t)
+        top_t = s.T.topk(kt, dim=1)[1]
+        out[f"text_retrieval_recall@{k}"] = float(pos.T.gather(1, top_t).any(dim=1).float().mean())
+    out["mean_recall@1"] = 0.5 * (out["text_retrieval_recall@1"] + out["image_retrieval_recall@1"])
+    return out
+
+
+# --------------------------------------------------------------------------- task list and data
+
+
+def load_tasklist(path: str | os.PathLike | None = None) -> dict[str, dict]:
+    p = Path(path or TASKLIST)
+    try:
+        tasks = yaml.safe_load(p.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise EvalError(f"{p}: cannot read task list: {str(e).splitlines()[0]}") from None
+    if not isinstance(tasks, dict) or not tasks:
+        raise EvalError(f"{p}: expected a mapping of task key -> settings")
+    for k, v in tasks.items():
+        if not isinstance(v, dict) or "name" not in v or "main_metric" not in v:
+            raise EvalError(f"{p}: task {k!r} needs name and main_metric")
+    return tasks
+
+
+@dataclass
+class TaskData:
+    root: Path
+    kind: str  # "classification" | "retrieval"
+    shards: list[str]
+    classnames: list[str] | None
+    templates: list[str] | None
+    count: int | None
+
+
+def task_dir(data_dir: Path, key: str) -> tuple[Path, str]:
+    """Where a task's webdataset lives, and its split subdir ('' for TiC's flat layout)."""
+    m = TIC_KEY.match(key)
+    if m:
+        tic = data_dir / "tic" / m["ds"] / m["scale"] / "eval" / m["kind"] / m["split"]
+        if not tic.is_dir():  # `curate tic export` layout: {export}/eval/{kind}/{YYYY}
+            alt = data_dir / "eval" / m["kind"] / m["split"]
+            tic = alt if alt.is_dir() else tic
+        return tic, ""
+    return data_dir / f"wds_{key.replace('/', '-')}_test", "test"
+
+
+def _read(p: Path) -> str:
+    return p.read_text(encoding="utf-8")
+
+
+def open_task(data_dir: Path, key: str, task: dict) -> TaskData | None:
+    """The task's data, or None when it is not on disk."""
+    root, split = task_dir(Path(data_dir), key)
+    sdir = root / split if split else root
+    if not sdir.is_dir():
+        return None
+    nfile = sdir / "nshards.txt"
+    if nfile.is_file():
+        try:
+            n = int(_read(nfile).strip())
+        except ValueError:
+            raise EvalError(f"{nfile}: not an integer") from None
+        shards = [str(sdir / f"{i}.tar") for i in range(n)]
+        gone = [s for s in shards if not Path(s).is_file()]
+        if gone:
+            raise EvalError(f"{gone[0]}: missing ({n} shards per {nfile})")
+    else:
+        shards = sorted((str(p) for p in sdir.glob("*.tar")),
+                        key=lambda s: (len(Path(s).stem), Path(s).stem))
+        if not shards:
+            return None
+    tfile = root / "dataset_type.txt"
+    kind = _read(tfile).strip().lower() if tfile.is_file() else (
+        "retrieval" if task.get("task") == "retrieval" else "classification")
+    classnames = templates = None
+    if kind != "retrieval":
+        cfile, tfile = root / "classnames.txt", root / "zeroshot_classification_templates.txt"
+        for f in (cfile, tfile):
+            if not f.is_file():
+                raise EvalError(f"{f}: missing (needed for zero-shot classification of {key})")
+        classnames = [ln.strip() for ln in _read(cfile).splitlines()]
+        templates = [ln.strip() for ln in _read(tfile).splitlines() if ln.strip()]
+        bad = [t for t in templates if "{c}" not in t]
+        if bad:
+            raise EvalError(f"{tfile}: template {bad[0]!r} lacks the {{c}} placeholder")
+    count = None
+    cf = root / "count.txt"
+    if cf.is_file():
+        try:
+            count = int(_read(cf).strip())
+        except ValueError:
+            raise EvalError(f"{cf}: not an integer") from None
+    return TaskData(root, kind, shards, classnames, templates, count)
+
+
+def iter_samples(shards: list[str]):
+    """(key, image PIL, sample dict) from webdataset shards, in shard order."""
+    import webdataset as wds
+
+    pipe = wds.DataPipeline(
+        wds.SimpleShardList(shards),
+        wds.tarfile_to_samples(),
+        wds.decode("pil"),
+    )
+    for s in pipe:
+        img = next((s[k] for k in ("webp", "png", "jpg", "jpeg") if k in s), None)
+        if img is None:
+            raise EvalError(f"{s.get('__url__')}: sample {s.get('__key__')} has no image member")
+        yield s["__key__"], img, s
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass
+class LoadedModel:
+    model: object
+    preprocess: object
+    tokenizer: object
+    name: str
+    checkpoint: str
+
+
+def load_model(model_name: str, checkpoint: str | os.PathLike) -> LoadedModel:
+    """open_clip model ``model_name`` with the weights of a training checkpoint (ours)."""
+    import logging
+
+    import open_clip
+    import torch
+
+    ck = Path(checkpoint)
+    if not ck.is_file():
+        raise EvalError(f"{ck}: checkpoint not found")
+    torch.manual_seed(0)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # open_clip warns that no pretrained weights are loaded: we load ours next
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(model_name)
+    finally:
+        root.setLevel(level)
+    try:
+        state = torch.load(ck, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - an unreadable checkpoint is the user's input
+        raise EvalError(f"{ck}: not a torch checkpoint ({str(e).splitlines()[0]})") from None
+    sd = state.get("state_dict", state) if isinstance(state, dict) else None
+    if not isinstance(sd, dict):
+        raise EvalError(f"{ck}: no state_dict inside")
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        raise EvalError(f"{ck}: does not fit model {model_name} ({str(e).splitlines()[0]})") from None
+    model.eval()
+    return LoadedModel(model, preprocess, open_clip.get_tokenizer(model_name), model_name, str(ck))
+
+
+def encode_texts(m: LoadedModel, texts: list[str], batch_size: int = 256) -> np.ndarray:
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(texts), batch_size):
+            out.append(m.model.encode_text(m.tokenizer(texts[i:i + batch_size])).float().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def encode_task_images(m: LoadedModel, data: TaskData, batch_size: int, progress=None):
+    """Encode every image once; returns (normalised image features, per-sample dicts, seconds)."""
+    import torch
+
+    feats, samples, batch = [], [], []
+    t0 = time.perf_counter()
+
+    def flush():
+        with torch.no_grad():
+            f = m.model.encode_image(torch.stack(batch)).float().numpy()
+        feats.append(_normalize(f))
+        batch.clear()
+
+    it = iter_samples(data.shards)
+    if progress is not None:
+        it = progress(it, total=data.count)
+    for key, img, s in it:
+        batch.append(m.preprocess(img))
+        samples.append({k: s[k] for k in ("cls", "txt", "__key__") if k in s})
+        if len(batch) >= batch_size:
+            flush()
+    if batch:
+        flush()
+    secs = time.perf_counter() - t0
+    return (np.concatenate(feats) if feats else np.zeros((0, 0), np.float32)), samples, secs
+
+
+def _label(v) -> int:
+    if isinstance(v, (bytes, bytearray)):
+        v = v.decode()
+    return int(str(v).strip())
+
+
+def _captions(v) -> list[str]:
+    if isinstance(v, (bytes, bytearray)):
+        v = v.decode("utf-8")
+    return [c for c in str(v).splitlines() if c.strip()] or [str(v)]
+
+
+def run_task(m: LoadedModel, data: TaskData, key: str, batch_size: int = 64, progress=None) -> dict:
+    """Metrics of one task (clip_benchmark definitions) plus n and images/s."""
+    img, samples, secs = encode_task_images(m, data, batch_size, progress)
+    if not samples:
+        raise EvalError(f"{data.root}: no samples")
+    if data.kind == "retrieval":
+        texts, owner = [], []
+        for i, s in enumerate(samples):
+            if "txt" not in s:
+                raise EvalError(f"{data.root}: sample {s.get('__key__')} has no txt member")
+            caps = _captions(s["txt"])
+            texts.extend(caps)
+            owner.extend([i] * len(caps))
+        txt = _normalize(encode_texts(m, texts))
+        metrics = retrieval_metrics(txt @ img.T, np.array(owner))
+    else:
+        if any("cls" not in s for s in samples):
+            raise EvalError(f"{data.root}: a sample lacks the cls member")
+        labels = np.array([_label(s["cls"]) for s in samples])
+        nc = len(data.classnames)
+        if labels.min() < 0 or labels.max() >= nc:
+            raise EvalError(f"{data.root}: class id {int(labels.max())} outside classnames.txt ({nc} names)")
+        embs = [encode_texts(m, [t.replace("{c}", c) for t in data.templates]) for c in data.classnames]
+        w = zero_shot_weights(embs)
+        metrics = classification_metrics(100.0 * img @ w, labels)
+    return {"metrics": metrics, "n": len(samples), "seconds": secs,
+            "images_per_second": len(samples) / secs if secs > 0 else None}
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def read_results(path: Path) -> dict[str, dict]:
+    done = {}
+    if path.is_file():
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except ValueError:
+                raise EvalError(f"{path}: line {i} is not JSON") from None
+            done[r["key"]] = r
+    return done
+
+
+def _append(path: Path, rec: dict) -> None:
+    # One complete line per write (O_APPEND), so a kill never leaves half a record.
+    line = (json.dumps(rec) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class EvalSummary:
+    results_file: Path
+    rows: list[dict] = field(default_factory=list)  # one per task: key, name, status, main, n, ips
+    aggregates: dict = field(default_factory=dict)
+
+    def table(self) -> str:
+        lines = [f"{'task':<44} {'status':<11} {'main metric':>12} {'n':>7} {'images/s':>9}"]
+        for r in self.rows:
+            v = "" if r.get("main") is None else f"{r['main']:.4f}"
+            n = "" if r.get("n") is None else str(r["n"])
+            ips = "" if r.get("ips") is None else f"{r['ips']:.0f}"
+            lines.append(f"{r['name'][:44]:<44} {r['status']:<11} {v:>12} {n:>7} {ips:>9}")
+        for k, v in self.aggregates.items():
+            if v["value"] is not None:
+                lines.append(f"{k:<44} {'aggregate':<11} {v['value']:>12.4f} {v['tasks']:>7}")
+        return "\n".join(lines)
+
+
+def aggregate(results: dict[str, dict], tasks: dict[str, dict]) -> dict:
+    """DataComp's groups over the tasks that have results (the count says how many of how many)."""
+    groups = {"ImageNet": "imagenet", "ImageNet dist. shifts": "dist_shift", "VTAB": "vtab",
+              "Retrieval": "retrieval", "Average": None}
+    out = {}
+    for label, g in groups.items():
+        keys = [k for k, t in tasks.items() if t.get("main_metric") is not None and (g is None or t.get("group") == g)]
+        vals = [results[k]["metrics"]["main_metric"] for k in keys
+                if k in results and results[k]["metrics"].get("main_metric") is not None]
+        if keys:
+            out[label] = {"value": float(np.mean(vals)) if vals else None, "tasks": f"{len(vals)}/{len(keys)}"}
+    return out
+
+
+def evaluate_run(train_output_dir, tasks=None, data_dir=None, output_dir=None, batch_size: int = 64,
+                 only: list[str] | None = None, progress=None, say=None) -> EvalSummary:
+    """Evaluate the model of a training run on every task with data; append to eval_results.jsonl."""
+    from curate.train import read_record
+
+    run = Path(train_output_dir)
+    rec = read_record(run)
+    tasklist = load_tasklist(tasks)
+    if only:
+        unknown = [k for k in only if k not in tasklist]
+        if unknown:
+            raise EvalError(f"--task {unknown[0]!r} is not in the task list")
+        tasklist = {k: v for k, v in tasklist.items() if k in only}
+    data_dir = Path(data_dir) if data_dir else None
+    out_dir = Path(output_dir) if output_dir else run
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results_file = out_dir / RESULTS_NAME
+    done = read_results(results_file)
+    info = out_dir / "eval_info.json"
+    checkpoint = rec["checkpoint"]
+    if info.is_file() and json.loads(info.read_text()).get("checkpoint") != checkpoint and done:
+        raise EvalError(f"{results_file}: results belong to another checkpoint (see {info}); use another --output-dir")
+    write_json(info, {"checkpoint": checkpoint, "model": rec["model"], "scale": rec.get("scale")})
+    summary = EvalSummary(results_file)
+    model = None
+    for key, task in tasklist.items():
+        row = {"key": key, "name": task["name"], "main": None, "n": None, "ips": None}
+        if key in done:
+            r = done[key]
+            row.update(status="done", main=r["metrics"].get("main_metric"), n=r.get("n"),
+                       ips=r.get("images_per_second"))
+            summary.rows.append(row)
+            continue
+        data = open_task(data_dir, key, task) if data_dir else None
+        if data is None:
+            row["status"] = "missing"
+            summary.rows.append(row)
+            continue
+        mm = task["main_metric"]
+        kind_ok = (data.kind == "retrieval") == (mm == "mean_recall@1")
+        if task.get("task") == "winogavil" or (mm is not None and mm not in COMPUTED_METRICS) or not kind_ok:
+            row["status"] = "unsupported"
+            summary.rows.append(row)
+            continue
+        if model is None:
+            model = load_model(rec["model"], checkpoint)
+        if say:
+            say(f"{key}: {len(data.shards)} shards")
+        res = run_task(model, data, key, batch_size, progress)
+        metrics = dict(res["metrics"])
+        metrics["main_metric"] = metrics.get(mm) if mm else None
+        line = {"key": key, "dataset": task["name"], "metrics": metrics, "n": res["n"],
+                "seconds": round(res["seconds"], 3), "images_per_second": res["images_per_second"]}
+        _append(results_file, line)
+        done[key] = line
+        row.update(status="evaluated", main=metrics["main_metric"], n=res["n"], ips=res["images_per_second"])
+        summary.rows.append(row)
+    summary.aggregates = aggregate(done, tasklist)
+    return summary
+
+
+# --------------------------------------------------------------------------- TiC dynamic evaluation
+
+
+def step_of_split(split: str, steps: list[str]) -> int | None:
+    """Index of the time step an eval split (YYYY or YYYYMM) belongs to: the first step whose
+    year is >= the split's year (TiC merges 2014-2016 into the first step "2016")."""
+    y = int(split[:4])
+    for i, s in enumerate(steps):
+        if y <= int(str(s)[:4]):
+            return i
+    return None
+
+
+def tic_matrix(runs: list[tuple[str, str | os.PathLike]], kind: str = "retrieval") -> dict:
+    """The T x T evaluation matrix of models (in training order) on TiC dynamic tasks.
+
+    ``runs``: (step name e.g. "2016", eval output dir holding eval_results.jsonl). Entry
+    [i][j] = mean main metric of model i over the ``kind`` splits of step j. ID = mean of the
+    diagonal, backward transfer = mean of the entries below it (older steps), forward transfer
+    = mean of the entries above it (future steps), as in TiC / CLEAR.
+    """
+    steps = [str(s) for s, _ in runs]
+    T = len(steps)
+    m = np.full((T, T), np.nan)
+    for i, (_, d) in enumerate(runs):
+        res = read_results(Path(d) / RESULTS_NAME)
+        per: dict[int, list[float]] = {}
+        for key, r in res.items():
+            mt = TIC_KEY.match(key)
+            if not mt or mt["kind"] != kind:
+                continue
+            j = step_of_split(mt["split"], steps)
+            v = r["metrics"].get("main_metric")
+            if j is not None and v is not None:
+                per.setdefault(j, []).append(float(v))
+        for j, vs in per.items():
+            m[i, j] = float(np.mean(vs))
+    return {"kind": kind, "steps": steps, "matrix": m.tolist(), **transfer_scores(m)}
+
+
+def transfer_scores(m) -> dict:
+    m = np.asarray(m, dtype=float)
+    T = m.shape[0]
+
+    def mean(vals):
+        vals = [v for v in vals if not math.isnan(v)]
+        return float(np.mean(vals)) if vals else None
+
+    return {
+        "id": mean([m[i, i] for i in range(T)]),
+        "backward": mean([m[i, j] for i in range(T) for j in range(T) if j < i]),
+        "forward": mean([m[i, j] for i in range(T) for j in range(T) if j > i]),
+    }
+
+
+def plot_matrix(result: dict, out: str | os.PathLike) -> Path:
+    """Heatmap PNG of a tic_matrix result (rows: trained up to step, columns: evaluated on step)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = np.asarray(result["matrix"], dtype=float)
+    steps = result["steps"]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(steps), 0.8 + 0.6 * len(steps)))
+    im = ax.imshow(m, cmap="viridis")
+    ax.set_xticks(range(len(steps)), steps, rotation=45)
+    ax.set_yticks(range(len(steps)), steps)
+    ax.set_xlabel("evaluated on step")
+    ax.set_ylabel("trained through step")
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            if not math.isnan(m[i, j]):
+                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w")
+    f = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    ax.set_title(f"TiC {result['kind']}: ID {f(result['id'])}, backward {f(result['backward'])}, "
+                 f"forward {f(result['forward'])}", fontsize=8)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    out = Path(out)
+    with atomic_path(out, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return out
