@@ -480,11 +480,14 @@ def _assignments_valid(d: Path, cs: ClusterSet) -> bool:
     return stamp.is_file() and json.loads(stamp.read_text()).get("centroids_sha256") == cs.meta["centroids_sha256"]
 
 
-def assign_pool(catalog, name: str, progress: bool = True) -> dict:
-    """Write every pool file's nearest-centroid table for cluster set ``name`` (skips files done)."""
-    catalog = Path(catalog) if catalog else default_catalog()
+def assign_pool(catalog, name: str, progress: bool = True, engine: str = "local",
+                ray_address: str | None = None) -> dict:
+    """Write every pool file's nearest-centroid table for cluster set ``name`` (skips files done).
+
+    ``engine="ray"`` assigns one pool file per Ray task (same bytes as the local engine).
+    """
+    catalog = (Path(catalog) if catalog else default_catalog()).resolve()
     cs = get_cluster_set(catalog, name)
-    centroids = cs.centroids()
     d, pairs = _assignment_files(catalog, cs)
     if d.exists() and not _assignments_valid(d, cs):
         shutil.rmtree(d)  # made with other centroids under the same name
@@ -494,36 +497,59 @@ def assign_pool(catalog, name: str, progress: bool = True) -> dict:
     if todo:
         pool_dim([ef for ef, _ in todo], cs.key)  # headers first: fail before any work
     dim = int(cs.meta["dim"])
-    con = connect(catalog)
     t0, rows = time.perf_counter(), 0
-    try:
-        for ef, out in tqdm(todo, desc=f"clusters {name}", unit="file", disable=not progress):
-            labels = np.empty(ef.num_rows, np.int32)
-            pos = 0
-            for batch in iter_batches(ef, cs.key, batch_rows=ASSIGN_ROWS, dim=dim):
-                if batch.shape[1] != dim:
-                    raise ClusterError(f"{ef.npz}: '{cs.key}' has dimension {batch.shape[1]}, cluster set '{name}' has {dim}")
-                labels[pos : pos + len(batch)] = assign(batch, centroids)
-                pos += len(batch)
-            uids = con.execute('SELECT uid FROM pool WHERE file = ? ORDER BY "row"', [ef.file]).to_arrow_table()
-            uid_col = uids.column("uid").combine_chunks()
-            if len(uid_col) != ef.num_rows:
-                raise ClusterError(f"pool file {ef.file}: read {len(uid_col)} uids, expected {ef.num_rows}")
-            table = pa.table({
-                "cluster_set": _constant(name, ef.num_rows),
-                "uid": uid_col,
-                "file": _constant(ef.file, ef.num_rows),
-                "row": pa.array(np.arange(ef.num_rows, dtype=np.int64)),
-                "cluster": pa.array(labels),
-            })
-            with atomic_path(out, suffix=".parquet") as tmp:
-                pq.write_table(table, tmp)
-            rows += ef.num_rows
-    finally:
-        con.close()
+    if engine == "ray" and todo:
+        from curate.distributed.engine import connect_ray, ray_imap
+
+        connect_ray(ray_address)
+        for n in ray_imap(_assign_file, [(str(catalog), name, cs.key, ef, str(out), dim) for ef, out in todo],
+                          progress=progress, desc=f"clusters {name}"):
+            rows += n
+    elif todo:
+        centroids = cs.centroids()
+        con = connect(catalog)
+        try:
+            for ef, out in tqdm(todo, desc=f"clusters {name}", unit="file", disable=not progress):
+                rows += _assign_file(catalog, name, cs.key, ef, out, dim, centroids, con)
+        finally:
+            con.close()
     _register_assignments(catalog)
     return {"cluster_set": name, "files": len(pairs), "assigned_files": len(todo), "rows": rows,
             "seconds": round(time.perf_counter() - t0, 3), "dir": str(d)}
+
+
+def _assign_file(catalog, name: str, key: str, ef, out, dim: int, centroids=None, con=None) -> int:
+    """Nearest centroids of one pool file's embeddings -> ``out`` (parquet, atomic); row count."""
+    own = con is None
+    if centroids is None:
+        centroids = get_cluster_set(catalog, name).centroids()
+    if own:
+        con = connect(catalog)
+    try:
+        labels = np.empty(ef.num_rows, np.int32)
+        pos = 0
+        for batch in iter_batches(ef, key, batch_rows=ASSIGN_ROWS, dim=dim):
+            if batch.shape[1] != dim:
+                raise ClusterError(f"{ef.npz}: '{key}' has dimension {batch.shape[1]}, cluster set '{name}' has {dim}")
+            labels[pos : pos + len(batch)] = assign(batch, centroids)
+            pos += len(batch)
+        uids = con.execute('SELECT uid FROM pool WHERE file = ? ORDER BY "row"', [ef.file]).to_arrow_table()
+        uid_col = uids.column("uid").combine_chunks()
+        if len(uid_col) != ef.num_rows:
+            raise ClusterError(f"pool file {ef.file}: read {len(uid_col)} uids, expected {ef.num_rows}")
+        table = pa.table({
+            "cluster_set": _constant(name, ef.num_rows),
+            "uid": uid_col,
+            "file": _constant(ef.file, ef.num_rows),
+            "row": pa.array(np.arange(ef.num_rows, dtype=np.int64)),
+            "cluster": pa.array(labels),
+        })
+        with atomic_path(out, suffix=".parquet") as tmp:
+            pq.write_table(table, tmp)
+    finally:
+        if own:
+            con.close()
+    return ef.num_rows
 
 
 def _constant(value: str, n: int) -> pa.Array:

@@ -142,7 +142,10 @@ def _echo_set(cs, t0) -> None:
 @click.command("clusters")
 @_catalog_arg
 @click.option("--clusters", "name", required=True, help="Cluster set name.")
-def features_clusters_cmd(catalog, name):
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this process; ray: one task per pool file on a Ray cluster.")
+@click.option("--ray-address", default=None, metavar="ADDRESS", help="Ray cluster to join (with --engine ray).")
+def features_clusters_cmd(catalog, name, engine, ray_address):
     """Materialise every pool row's nearest centroid (inner product) for a cluster set.
 
     Resumable: files already assigned are skipped. `curate run` does this on first use.
@@ -153,7 +156,7 @@ def features_clusters_cmd(catalog, name):
     """
     from curate.clusters import assign_pool
 
-    r = assign_pool(catalog, name, progress=True)
+    r = assign_pool(catalog, name, progress=True, engine=engine, ray_address=ray_address)
     click.echo(f"cluster_assignments[{name}]: assigned {r['rows']:,} rows in {r['assigned_files']} of "
                f"{r['files']} files ({r['files'] - r['assigned_files']} already done) in {r['seconds']}s")
     click.echo(f"wrote {r['dir']}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pickle
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 import curate.clusters as C
@@ -263,3 +264,17 @@ def test_assignment_killed_mid_pool_leaves_no_partial_file_and_resumes(pool, tmp
     con.close()
     x = np.concatenate([a["l14_img"] for a in arrays]).astype(np.float32)
     assert got == np.argmax(x @ cents.T, axis=1).tolist()
+
+
+def test_assignment_engine_ray_writes_the_same_files(pool, tmp_path):
+    cat, _ = pool
+    rng = np.random.default_rng(3)
+    C.import_cluster_set(cat, "r5", _save(tmp_path, "c.pt", rng.normal(size=(5, 768)).astype(np.float32)))
+    C.assign_pool(cat, "r5", progress=False)
+    d, pairs = C._assignment_files(cat, C.get_cluster_set(cat, "r5"))
+    local = {out.name: pq.read_table(out) for _, out in pairs}
+    for _, out in pairs:
+        out.unlink()
+    r = C.assign_pool(cat, "r5", progress=False, engine="ray")
+    assert r["assigned_files"] == 2 and r["rows"] == 11
+    assert all(pq.read_table(out).equals(local[out.name]) for _, out in pairs)
