@@ -138,6 +138,16 @@ def scan_metadata(metadata_dir: Path) -> tuple[list[PoolFile], list[str]]:
     return files, extra or []
 
 
+#: The catalog's own bookkeeping tables (every catalog, local or remote, has them).
+CATALOG_TABLES_DDL = (
+    "CREATE TABLE curate_meta (key VARCHAR PRIMARY KEY, value VARCHAR);"
+    "CREATE TABLE pool_files (file_id INTEGER PRIMARY KEY, file VARCHAR UNIQUE, path VARCHAR,"
+    " num_rows BIGINT, row_start BIGINT, npz VARCHAR, first_shard INTEGER);"
+    "CREATE TABLE curate_views (name VARCHAR PRIMARY KEY, select_sql VARCHAR, paths VARCHAR[],"
+    " options VARCHAR)"
+)
+
+
 def _render(sql: str, values: dict[str, str]) -> str:
     for key, val in values.items():
         sql = sql.replace(f"@{key}@", val)
@@ -207,13 +217,7 @@ def init_catalog(
         leftover.unlink(missing_ok=True)
     try:
         con = duckdb.connect(str(tmp))
-        con.execute(
-            "CREATE TABLE curate_meta (key VARCHAR PRIMARY KEY, value VARCHAR);"
-            "CREATE TABLE pool_files (file_id INTEGER PRIMARY KEY, file VARCHAR UNIQUE, path VARCHAR,"
-            " num_rows BIGINT, row_start BIGINT, npz VARCHAR, first_shard INTEGER);"
-            "CREATE TABLE curate_views (name VARCHAR PRIMARY KEY, select_sql VARCHAR, paths VARCHAR[],"
-            " options VARCHAR)"
-        )
+        con.execute(CATALOG_TABLES_DDL)
         meta = {
             "curate_version": __version__,
             "paths": "relative" if relative else "absolute",

@@ -251,15 +251,23 @@ def run_filter(filter_path, catalog=None, out=None, sets=None, progress=False) -
     write_subset(out, hi, lo)
     elapsed = time.perf_counter() - t0
     manifest = out.with_suffix(".json")
-    write_json(manifest, {
+    write_json(manifest, manifest_record(out, flt, params, features, catalog, pool_rows, int(len(hi)),
+                                         distinct, elapsed))
+    return RunResult(out, manifest, int(len(hi)), distinct, pool_rows, params, elapsed)
+
+
+def manifest_record(out, flt: FilterFile, params: dict, features: dict, catalog: Path, pool_rows: int,
+                    count: int, distinct: int, elapsed: float, versions: dict | None = None) -> dict:
+    """The JSON manifest written beside a subset file (local and ray engines alike)."""
+    return {
         "subset": str(out),
         "filter": str(flt.path),
         "filter_sha256": flt.sha256,
         "params": {k: _json_value(v) for k, v in params.items()},
         "features": features,
-        "catalog": str(catalog.resolve()),
+        "catalog": str(Path(catalog).resolve()),
         "pool_rows": pool_rows,
-        "count": int(len(hi)),
+        "count": count,
         "distinct": distinct,
         "elapsed_seconds": round(elapsed, 3),
         "versions": {
@@ -268,10 +276,10 @@ def run_filter(filter_path, catalog=None, out=None, sets=None, progress=False) -
             "numpy": np.__version__,
             "pyarrow": pa.__version__,
             "python": platform.python_version(),
+            **(versions or {}),
         },
         "command": " ".join(sys.argv) if sys.argv else None,
-    })
-    return RunResult(out, manifest, int(len(hi)), distinct, pool_rows, params, elapsed)
+    }
 
 
 def _locate_bad_uid(con, err: BadUid, path: Path) -> CurateError:

@@ -17,7 +17,7 @@ import duckdb
 import pyarrow.parquet as pq
 
 from curate import __version__
-from curate.catalog import (IGNORED_COLUMNS, IGNORED_FILES, POOL_COLUMNS, CatalogError, _create_views, _type_family,
+from curate.catalog import (CATALOG_TABLES_DDL, IGNORED_COLUMNS, IGNORED_FILES, POOL_COLUMNS, CatalogError, _create_views, _type_family,
                             _view_values)
 from curate.distributed import storage
 
@@ -78,13 +78,7 @@ def init_remote_catalog(catalog, metadata_url: str, shards_url: str | None = Non
     try:
         con = duckdb.connect(str(tmp))
         storage.register_filesystems(con, [metadata_url], storage_options)
-        con.execute(
-            "CREATE TABLE curate_meta (key VARCHAR PRIMARY KEY, value VARCHAR);"
-            "CREATE TABLE pool_files (file_id INTEGER PRIMARY KEY, file VARCHAR UNIQUE, path VARCHAR,"
-            " num_rows BIGINT, row_start BIGINT, npz VARCHAR, first_shard INTEGER);"
-            "CREATE TABLE curate_views (name VARCHAR PRIMARY KEY, select_sql VARCHAR, paths VARCHAR[],"
-            " options VARCHAR)"
-        )
+        con.execute(CATALOG_TABLES_DDL)
         meta = {
             "curate_version": __version__,
             "paths": "absolute",

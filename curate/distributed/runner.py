@@ -25,14 +25,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
-import sys
 import time
 from pathlib import Path
 
 import duckdb
 import numpy as np
-import pyarrow as pa
 
 from curate import __version__
 from curate.catalog import connect, default_catalog
@@ -45,7 +42,7 @@ from curate.distributed.partition import (capture_variables, file_keyed_views, f
 from curate.distributed.plan import extract_fraction_thresholds, row_local_problem
 from curate.distributed.threshold import PASSES, exact_threshold
 from curate.producers import needed_producers
-from curate.runner import FilterError, RunResult, _json_value, _one_line, filter_features, load_filter, prepare
+from curate.runner import FilterError, RunResult, _one_line, filter_features, load_filter, manifest_record, prepare
 
 LAYOUTS = ("file", "buckets")
 
@@ -217,25 +214,8 @@ def run_filter_ray(filter_path, catalog=None, out=None, sets=None, progress=Fals
     elapsed = time.perf_counter() - t0
     manifest = _manifest_path(out, layout)
     storage.write_json(manifest, {
-        "subset": out,
-        "filter": str(flt.path),
-        "filter_sha256": flt.sha256,
-        "params": {k: _json_value(v) for k, v in params.items()},
-        "features": features,
-        "catalog": str(catalog.resolve()),
-        "pool_rows": pool_rows,
-        "count": int(count),
-        "distinct": distinct,
-        "elapsed_seconds": round(elapsed, 3),
-        "versions": {
-            "curate": __version__,
-            "duckdb": duckdb.__version__,
-            "numpy": np.__version__,
-            "pyarrow": pa.__version__,
-            "python": platform.python_version(),
-            "ray": _ray_version(),
-        },
-        "command": " ".join(sys.argv) if sys.argv else None,
+        **manifest_record(out, flt, params, features, catalog, pool_rows, int(count), distinct, elapsed,
+                          versions={"ray": _ray_version()}),
         "engine": {
             "name": "ray",
             "address": address,
