@@ -14,8 +14,13 @@ encoded once per task.
 Results are appended to ``eval_results.jsonl`` one line per task (DataComp's record:
 ``key``, ``dataset``, ``metrics`` with ``main_metric``), tasks already there are skipped, and a
 task whose data is absent is reported as missing — never run against a download, never
-faked. Tasks whose main metric needs per-sample metadata we do not compute (WILDS, fairness,
-WinoGAViL) are reported as unsupported.
+faked. WILDS and fairness tasks (spec §6.2, DataComp's ``eval_utils/{wilds,fairness}_eval.py``)
+add their group metrics from each sample's ``.npy`` metadata vector: iWildCam ``F1-macro_all``
+(macro F1 over the classes present), Camelyon17 ``acc1`` (plus per-slide accuracy), FMoW
+``acc_worst_region`` (worst non-empty region, a region named "Other" ignored), Dollar Street
+``acc_top5_wg`` (worst income group's top-5 accuracy), GeoDE ``acc_wg`` (worst region's
+accuracy); WinoGAViL's ``jaccard_score_10-12`` is a pure function here. A task whose main
+metric needs metadata the data lacks is reported as unsupported with the reason.
 
 TiC (spec §7.3-7.4): ``tic_matrix`` collects every model's metric on every year's dynamic task
 into the evaluation matrix (rows: models in training order, columns: time steps) and reports
@@ -44,6 +49,7 @@ TASKLIST = REPO_ROOT / "eval" / "tasklist.yml"
 RESULTS_NAME = "eval_results.jsonl"
 TIC_KEY = re.compile(r"^tic/(?P<ds>[^/]+)/(?P<kind>retrieval|datacompnet)/(?P<scale>yearly|monthly)/(?P<split>\d{4,6})$")
 COMPUTED_METRICS = {"acc1", "acc5", "mean_per_class_recall", "mean_recall@1"}
+IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")
 
 
 class EvalError(CurateError):
@@ -65,13 +71,19 @@ def zero_shot_weights(class_text_embeddings: list[np.ndarray]) -> np.ndarray:
     return np.stack(cols, axis=1)
 
 
-def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
-    """Fraction of rows whose label is among the k largest logits (torch.topk order on ties)."""
+def topk_correct(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Per row: is the label among the k largest logits (torch.topk order on ties, as
+    clip_benchmark and DataComp's ``return_topk``)."""
     import torch
 
     t = torch.as_tensor(np.asarray(logits, dtype=np.float32))
     pred = t.topk(min(k, t.shape[1]), dim=1, largest=True, sorted=True)[1].numpy()
-    return float((pred == np.asarray(labels)[:, None]).any(axis=1).mean())
+    return (pred == np.asarray(labels)[:, None]).any(axis=1)
+
+
+def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """Fraction of rows whose label is among the k largest logits (torch.topk order on ties)."""
+    return float(topk_correct(logits, labels, k).mean())
 
 
 def balanced_accuracy(labels: np.ndarray, pred: np.ndarray) -> float:
@@ -115,6 +127,168 @@ def retrieval_metrics(scores: np.ndarray, text_image: np.ndarray, ks=(1, 5, 10))
     return out
 
 
+# --------------------------------------------------------------------------- WILDS, fairness, WinoGAViL
+#
+# DataComp (eval_utils/wilds_eval.py, fairness_eval.py) scores these with WILDS' metric classes
+# over the argmax predictions (top-5 index lists for Dollar Street) and a per-sample integer
+# metadata vector (the ``.npy`` member of each webdataset sample). Groups follow WILDS'
+# CombinatorialGrouper on one field: group ids 0..max(value), a group's metric is the mean over
+# its samples, empty groups (count 0) are reported but never the worst, worst = minimum.
+
+# Column order of the ``.npy`` vector per task (DataComp's ``_metadata_fields``); only the
+# grouping column is read, by position, so extra trailing columns are harmless.
+METADATA_FIELDS = {
+    "wilds/iwildcam": ("location", "sequence", "year", "month", "day", "hour", "minute", "second", "y"),
+    "wilds/camelyon17": ("hospital", "slide", "y"),
+    "wilds/fmow": ("region", "year", "y"),
+    "fairness/dollar_street": ("income_ds", "income_meta", "region"),
+    "fairness/geode": ("region", "country"),
+}
+
+
+def _column(metadata, key: str, field: str) -> np.ndarray:
+    m = np.asarray(metadata)
+    col = METADATA_FIELDS[key].index(field)
+    if m.ndim != 2 or m.shape[1] <= col:
+        raise EvalError(f"{key}: metadata has shape {m.shape}, needs column {col} ({field})")
+    v = m[:, col]
+    if not np.all(v == np.round(v)) or (v.size and v.min() < 0):
+        raise EvalError(f"{key}: metadata column {field} must hold non-negative integers")
+    return v.astype(np.int64)
+
+
+def group_metrics(values, groups, name: str, field: str, names: list[str] | None = None,
+                  ignore: str | None = None) -> tuple[dict, float | None]:
+    """WILDS group-wise metric of per-sample ``values`` (e.g. 1.0 = correct).
+
+    Returns ({"{name}_{field}:{g}": mean or None when empty, "count_{field}:{g}": n}, worst),
+    g = 0..max(groups) (or ``names[g]``, spaces removed, as WILDS' group_field_str). worst is
+    the minimum over non-empty groups whose "{field}:{g}" string does not contain ``ignore``;
+    None if no group qualifies.
+    """
+    values, groups = np.asarray(values, dtype=np.float64), np.asarray(groups, dtype=np.int64)
+    if values.shape != groups.shape:
+        raise EvalError(f"{field}: {values.shape[0]} predictions but {groups.shape[0]} metadata rows")
+    out, kept = {}, []
+    for g in range(int(groups.max()) + 1 if groups.size else 0):
+        sel = groups == g
+        n = int(sel.sum())
+        label = str(names[g]).replace(" ", "") if names is not None and g < len(names) else str(g)
+        val = float(values[sel].mean()) if n else None
+        out[f"{name}_{field}:{label}"] = val
+        out[f"count_{field}:{label}"] = n
+        if n and not (ignore and ignore in f"{field}:{label}"):
+            kept.append(val)
+    return out, (min(kept) if kept else None)
+
+
+def f1_macro(labels, pred) -> float:
+    """sklearn ``f1_score(average="macro", labels=unique(labels))`` (WILDS' F1-macro): mean over
+    the classes present in ``labels`` of 2TP / (2TP + FP + FN); predicted classes that never
+    occur as a label only count as false positives of nothing (they are not averaged)."""
+    labels, pred = np.asarray(labels), np.asarray(pred)
+    scores = []
+    for c in np.unique(labels):
+        tp = int(((pred == c) & (labels == c)).sum())
+        fp = int(((pred == c) & (labels != c)).sum())
+        fn = int(((pred != c) & (labels == c)).sum())
+        scores.append(2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(scores)) if scores else 0.0
+
+
+def iwildcam_metrics(logits, labels, metadata=None, names=None) -> dict:
+    """DataComp's IWildCamEvaluator: accuracy, macro recall, macro F1 over all samples (no
+    grouping, so the metadata is not needed)."""
+    labels = np.asarray(labels)
+    pred = np.asarray(logits).argmax(axis=1)
+    return {"acc_all": float((pred == labels).mean()), "recall-macro_all": balanced_accuracy(labels, pred),
+            "F1-macro_all": f1_macro(labels, pred)}
+
+
+def camelyon17_metrics(logits, labels, metadata, names=None) -> dict:
+    """Camelyon17Evaluator: accuracy overall and per slide, worst slide (``acc_wg``)."""
+    correct = np.asarray(logits).argmax(axis=1) == np.asarray(labels)
+    out, worst = group_metrics(correct, _column(metadata, "wilds/camelyon17", "slide"), "acc", "slide",
+                               (names or {}).get("slide"))
+    return {"acc_all": float(correct.mean()), **out, "acc_wg": worst}
+
+
+def fmow_metrics(logits, labels, metadata, names=None) -> dict:
+    """FMoWEvaluator: accuracy overall, per year (worst = ``acc_worst_year``) and per region,
+    ``acc_worst_region`` = worst non-empty region whose name contains no "Other"."""
+    names = names or {}
+    correct = np.asarray(logits).argmax(axis=1) == np.asarray(labels)
+    years, worst_year = group_metrics(correct, _column(metadata, "wilds/fmow", "year"), "acc", "year",
+                                      names.get("year"))
+    regions, worst_region = group_metrics(correct, _column(metadata, "wilds/fmow", "region"), "acc", "region",
+                                          names.get("region"), ignore="Other")
+    return {"acc_all": float(correct.mean()), **years, "acc_worst_year": worst_year, **regions,
+            "acc_worst_region": worst_region}
+
+
+def dollar_street_metrics(logits, labels, metadata, names=None) -> dict:
+    """DollarStreetEvaluator: top-5 accuracy overall and per ``income_ds`` group (the income
+    bucket id stored in the metadata), ``acc_top5_wg`` = worst group."""
+    correct = topk_correct(logits, labels, 5)
+    out, worst = group_metrics(correct, _column(metadata, "fairness/dollar_street", "income_ds"), "acc_top5",
+                               "income_ds", (names or {}).get("income_ds"))
+    return {"acc_top5_all": float(correct.mean()), **out, "acc_top5_wg": worst}
+
+
+def geode_metrics(logits, labels, metadata, names=None) -> dict:
+    """GeoDEEvaluator: accuracy overall and per region, ``acc_wg`` = worst region."""
+    correct = np.asarray(logits).argmax(axis=1) == np.asarray(labels)
+    out, worst = group_metrics(correct, _column(metadata, "fairness/geode", "region"), "acc", "region",
+                               (names or {}).get("region"))
+    return {"acc_all": float(correct.mean()), **out, "acc_wg": worst}
+
+
+@dataclass(frozen=True)
+class GroupEval:
+    fn: object  # (logits, labels, metadata | None, names | None) -> metrics
+    provides: tuple[str, ...]  # main metrics it yields
+    needs_metadata: bool
+
+
+GROUP_EVALS = {
+    "wilds/iwildcam": GroupEval(iwildcam_metrics, ("F1-macro_all", "recall-macro_all", "acc_all"), False),
+    "wilds/camelyon17": GroupEval(camelyon17_metrics, ("acc_wg", "acc_all"), True),
+    "wilds/fmow": GroupEval(fmow_metrics, ("acc_worst_region", "acc_worst_year", "acc_all"), True),
+    "fairness/dollar_street": GroupEval(dollar_street_metrics, ("acc_top5_wg", "acc_top5_all"), True),
+    "fairness/geode": GroupEval(geode_metrics, ("acc_wg", "acc_all"), True),
+}
+
+
+def jaccard_top_n(scores, truth) -> float:
+    """One WinoGAViL instance: pick the n = |truth| candidates with the highest cue-image score
+    and return |picked ∩ truth| / |picked ∪ truth| (sklearn binary jaccard_score; 0 when the
+    union is empty). Ties: a stable ascending sort, the last n win (higher index first)."""
+    scores, truth = np.asarray(scores, dtype=np.float64), np.asarray(truth, dtype=bool)
+    n = int(truth.sum())
+    order = np.argsort(scores, kind="stable")
+    picked = np.zeros(len(scores), dtype=bool)
+    picked[order[len(order) - n:] if n else order] = True  # DataComp's argsort()[-0:] picks all
+    union = int((picked | truth).sum())
+    return int((picked & truth).sum()) / union if union else 0.0
+
+
+def winogavil_metrics(instances) -> dict:
+    """``instances``: (scores over the candidates, ground-truth association mask) per cue.
+    Means of the per-instance Jaccard by number of candidates, as DataComp's wino_eval; the
+    main metric is ``jaccard_score_10-12`` (instances with >= 10 candidates). Empty -> None."""
+    scores = np.array([jaccard_top_n(s, t) for s, t in instances], dtype=np.float64)
+    sizes = np.array([len(np.asarray(t)) for _, t in instances])
+
+    def mean(sel):
+        return float(scores[sel].mean()) if sel.any() else None
+
+    return {"avg_jaccard_score": mean(np.ones(len(scores), dtype=bool)),
+            "jaccard_score_5": mean(sizes == 5), "jaccard_score_6": mean(sizes == 6),
+            "jaccard_score_10": mean(sizes == 10), "jaccard_score_12": mean(sizes == 12),
+            "jaccard_score_5-6": mean(sizes <= 6), "jaccard_score_10-12": mean(sizes >= 10)}
+
+
+
 # --------------------------------------------------------------------------- task list and data
 
 
@@ -140,6 +314,7 @@ class TaskData:
     classnames: list[str] | None
     templates: list[str] | None
     count: int | None
+    names: dict | None = None  # metadata_names.json: {field: [name of value 0, 1, ...]}
 
 
 def task_dir(data_dir: Path, key: str) -> tuple[Path, str]:
@@ -151,6 +326,11 @@ def task_dir(data_dir: Path, key: str) -> tuple[Path, str]:
             alt = data_dir / "eval" / m["kind"] / m["split"]
             tic = alt if alt.is_dir() else tic
         return tic, ""
+    if key.startswith("fairness/"):
+        # DataComp strips the prefix for fairness sets: wds_dollar_street_test, wds_geode_test
+        short = data_dir / f"wds_{key[len('fairness/'):].replace('/', '-')}_test"
+        if short.is_dir() or not (data_dir / f"wds_{key.replace('/', '-')}_test").is_dir():
+            return short, "test"
     return data_dir / f"wds_{key.replace('/', '-')}_test", "test"
 
 
@@ -200,22 +380,72 @@ def open_task(data_dir: Path, key: str, task: dict) -> TaskData | None:
             count = int(_read(cf).strip())
         except ValueError:
             raise EvalError(f"{cf}: not an integer") from None
-    return TaskData(root, kind, shards, classnames, templates, count)
+    names = None
+    nf = root / "metadata_names.json"
+    if nf.is_file():
+        try:
+            names = json.loads(_read(nf))
+        except ValueError:
+            raise EvalError(f"{nf}: not JSON") from None
+        if not isinstance(names, dict) or not all(isinstance(v, list) for v in names.values()):
+            raise EvalError(f"{nf}: expected {{field: [name, ...]}}")
+    return TaskData(root, kind, shards, classnames, templates, count, names)
+
+
+def first_sample_members(shard: str) -> set[str]:
+    """Extensions of the first sample of a shard (reads tar headers up to the second key)."""
+    import tarfile
+
+    exts, first = set(), None
+    try:
+        with tarfile.open(shard, "r|*") as tf:
+            for ti in tf:
+                if not ti.isfile():
+                    continue
+                name = ti.name.rsplit("/", 1)[-1]
+                key, _, ext = name.partition(".")
+                if first is None:
+                    first = key
+                elif key != first:
+                    break
+                exts.add(ext)
+    except (OSError, tarfile.TarError) as e:
+        raise EvalError(f"{shard}: not a readable tar ({e})") from None
+    return exts
+
+
+def _npy(data: bytes, where: str) -> np.ndarray:
+    import io
+
+    try:  # never unpickle: object arrays are refused
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise EvalError(f"{where}: bad .npy member ({str(e).splitlines()[0]})") from None
 
 
 def iter_samples(shards: list[str]):
-    """(key, image PIL, sample dict) from webdataset shards, in shard order."""
-    import webdataset as wds
+    """(key, image PIL, sample dict) from webdataset shards, in shard order.
 
-    pipe = wds.DataPipeline(
-        wds.SimpleShardList(shards),
-        wds.tarfile_to_samples(),
-        wds.decode("pil"),
-    )
+    Members are decoded here, not by webdataset's default handlers (which would unpickle
+    ``.pyd``/``.pth`` members): the image with PIL, ``.npy`` with numpy (no pickles), the rest
+    kept as bytes."""
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    pipe = wds.DataPipeline(wds.SimpleShardList(shards), wds.tarfile_to_samples())
     for s in pipe:
-        img = next((s[k] for k in ("webp", "png", "jpg", "jpeg") if k in s), None)
-        if img is None:
-            raise EvalError(f"{s.get('__url__')}: sample {s.get('__key__')} has no image member")
+        where = f"{s.get('__url__')}: sample {s.get('__key__')}"
+        ext = next((k for k in IMAGE_EXTS if k in s), None)
+        if ext is None:
+            raise EvalError(f"{where} has no image member")
+        try:
+            img = Image.open(io.BytesIO(s[ext])).convert("RGB")
+        except OSError as e:
+            raise EvalError(f"{where}: undecodable {ext} ({e})") from None
+        if "npy" in s:
+            s["npy"] = _npy(s["npy"], where)
         yield s["__key__"], img, s
 
 
@@ -297,7 +527,7 @@ def encode_task_images(m: LoadedModel, data: TaskData, batch_size: int, progress
         it = progress(it, total=data.count)
     for key, img, s in it:
         batch.append(m.preprocess(img))
-        samples.append({k: s[k] for k in ("cls", "txt", "__key__") if k in s})
+        samples.append({k: s[k] for k in ("cls", "txt", "npy", "__key__") if k in s})
         if len(batch) >= batch_size:
             flush()
     if batch:
@@ -342,7 +572,23 @@ def run_task(m: LoadedModel, data: TaskData, key: str, batch_size: int = 64, pro
             raise EvalError(f"{data.root}: class id {int(labels.max())} outside classnames.txt ({nc} names)")
         embs = [encode_texts(m, [t.replace("{c}", c) for t in data.templates]) for c in data.classnames]
         w = zero_shot_weights(embs)
-        metrics = classification_metrics(100.0 * img @ w, labels)
+        logits = 100.0 * img @ w
+        metrics = classification_metrics(logits, labels)
+        ge = GROUP_EVALS.get(key)
+        if ge is not None:
+            # Camelyon17's main metric (acc1) needs no metadata: without .npy members its slide
+            # metrics are left out; a main metric that needs them was refused before encoding.
+            gone = [s.get("__key__") for s in samples if "npy" not in s]
+            if gone and len(gone) < len(samples):
+                raise EvalError(f"{data.root}: sample {gone[0]} has no .npy metadata ({len(gone)} of {len(samples)})")
+            meta = None
+            if not gone:
+                try:
+                    meta = np.stack([np.asarray(s["npy"]).reshape(-1) for s in samples])
+                except ValueError:
+                    raise EvalError(f"{data.root}: .npy metadata vectors differ in length") from None
+            if meta is not None or not ge.needs_metadata:
+                metrics.update(ge.fn(logits, labels, meta, data.names))
     return {"metrics": metrics, "n": len(samples), "seconds": secs,
             "images_per_second": len(samples) / secs if secs > 0 else None}
 
@@ -377,7 +623,7 @@ def _append(path: Path, rec: dict) -> None:
 @dataclass
 class EvalSummary:
     results_file: Path
-    rows: list[dict] = field(default_factory=list)  # one per task: key, name, status, main, n, ips
+    rows: list[dict] = field(default_factory=list)  # one per task: key, name, status, main, n, ips, reason
     aggregates: dict = field(default_factory=dict)
 
     def table(self) -> str:
@@ -386,7 +632,8 @@ class EvalSummary:
             v = "" if r.get("main") is None else f"{r['main']:.4f}"
             n = "" if r.get("n") is None else str(r["n"])
             ips = "" if r.get("ips") is None else f"{r['ips']:.0f}"
-            lines.append(f"{r['name'][:44]:<44} {r['status']:<11} {v:>12} {n:>7} {ips:>9}")
+            why = f"  ({r['reason']})" if r.get("reason") else ""
+            lines.append(f"{r['name'][:44]:<44} {r['status']:<11} {v:>12} {n:>7} {ips:>9}{why}")
         for k, v in self.aggregates.items():
             if v["value"] is not None:
                 lines.append(f"{k:<44} {'aggregate':<11} {v['value']:>12.4f} {v['tasks']:>7}")
@@ -405,6 +652,27 @@ def aggregate(results: dict[str, dict], tasks: dict[str, dict]) -> dict:
         if keys:
             out[label] = {"value": float(np.mean(vals)) if vals else None, "tasks": f"{len(vals)}/{len(keys)}"}
     return out
+
+
+def unsupported_reason(key: str, task: dict, data: TaskData) -> str | None:
+    """Why a task whose data is present cannot be scored here (None = it can)."""
+    mm = task["main_metric"]
+    if task.get("task") == "winogavil" or key == "misc/winogavil":
+        return ("WinoGAViL is read from HF nlphuji/winogavil (cue + candidate image sets); "
+                "no local webdataset layout is defined")
+    if key in ("fairness/fairface", "fairness/utkface"):
+        return "multi-objective race/gender/age tables not computed; DataComp's main metric is None"
+    if (data.kind == "retrieval") != (mm == "mean_recall@1"):
+        return f"data is {data.kind} but the main metric is {mm}"
+    if mm is None or mm in COMPUTED_METRICS:
+        return None
+    ge = GROUP_EVALS.get(key)
+    if ge is None or mm not in ge.provides:
+        return f"main metric {mm} is not implemented for {key}"
+    if ge.needs_metadata and "npy" not in first_sample_members(data.shards[0]):
+        return (f"{mm} needs per-sample .npy metadata ({', '.join(METADATA_FIELDS[key])}); "
+                f"{data.shards[0]} has none")
+    return None
 
 
 def evaluate_run(train_output_dir, tasks=None, data_dir=None, output_dir=None, batch_size: int = 64,
@@ -446,9 +714,9 @@ def evaluate_run(train_output_dir, tasks=None, data_dir=None, output_dir=None, b
             summary.rows.append(row)
             continue
         mm = task["main_metric"]
-        kind_ok = (data.kind == "retrieval") == (mm == "mean_recall@1")
-        if task.get("task") == "winogavil" or (mm is not None and mm not in COMPUTED_METRICS) or not kind_ok:
-            row["status"] = "unsupported"
+        reason = unsupported_reason(key, task, data)
+        if reason:
+            row.update(status="unsupported", reason=reason)
             summary.rows.append(row)
             continue
         if model is None:

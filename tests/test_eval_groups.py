@@ -1,0 +1,304 @@
+"""WILDS / fairness / WinoGAViL metrics (spec §6.2, DataComp's eval_utils/{wilds,fairness,wino}_eval.py):
+pure functions against values worked out by hand, and a real `curate eval` over local
+webdatasets carrying per-sample .npy metadata with a tiny random open_clip model."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from curate.errors import CurateError
+from curate.evaluate import (aggregate, camelyon17_metrics, dollar_street_metrics, evaluate_run, f1_macro,
+                             fmow_metrics, geode_metrics, group_metrics, iwildcam_metrics, jaccard_top_n,
+                             load_tasklist, winogavil_metrics)
+
+
+def onehot(pred, n):
+    """Logits whose argmax is ``pred``."""
+    out = np.zeros((len(pred), n))
+    out[np.arange(len(pred)), pred] = 1.0
+    return out
+
+
+# --------------------------------------------------------------------------- by hand
+
+@pytest.mark.parametrize("labels,pred,expected", [
+    # class 0: TP1 FP1 FN1 -> 2/4; class 1: TP2 FP1 FN0 -> 4/5; class 2: TP0 FP0 FN1 -> 0
+    ([0, 0, 1, 1, 2], [0, 1, 1, 1, 0], (0.5 + 0.8 + 0.0) / 3),
+    # class 3 is predicted but never a label: not averaged; class 0: TP1 FP0 FN1 -> 2/3
+    ([0, 0], [0, 3], 2 / 3),
+    ([1, 1, 1], [1, 1, 1], 1.0),
+])
+def test_f1_macro_by_hand(labels, pred, expected):
+    assert f1_macro(np.array(labels), np.array(pred)) == pytest.approx(expected)
+
+
+def test_iwildcam_by_hand():
+    labels = np.array([0, 0, 1, 1, 2])
+    m = iwildcam_metrics(onehot([0, 1, 1, 1, 0], 3), labels)  # needs no metadata
+    assert m["acc_all"] == pytest.approx(3 / 5)
+    assert m["recall-macro_all"] == pytest.approx((1 / 2 + 2 / 2 + 0 / 1) / 3)
+    assert m["F1-macro_all"] == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+
+
+def test_group_metrics_empty_group_and_ignore():
+    vals, groups = [1, 0, 1, 1, 0], [0, 0, 2, 2, 3]
+    out, worst = group_metrics(vals, groups, "acc", "region")
+    assert out == {"acc_region:0": 0.5, "count_region:0": 2, "acc_region:1": None, "count_region:1": 0,
+                   "acc_region:2": 1.0, "count_region:2": 2, "acc_region:3": 0.0, "count_region:3": 1}
+    assert worst == 0.0  # the empty group 1 is never the worst
+    out, worst = group_metrics(vals, groups, "acc", "region", names=["Asia", "Eu rope", "Africa", "Other"],
+                               ignore="Other")
+    assert worst == 0.5 and out["acc_region:Other"] == 0.0 and out["count_region:Europe"] == 0
+    assert group_metrics([1], [0], "acc", "region", names=["Other"], ignore="Other")[1] is None
+
+
+# FMoW metadata columns: region, year, y (DataComp's FMoWEvaluator field order)
+FMOW_META = np.array([[0, 0, 0], [0, 1, 0], [1, 1, 0], [1, 1, 0], [3, 0, 0], [3, 0, 0]])
+FMOW_CORRECT = [True, False, True, True, False, False]
+
+
+@pytest.mark.parametrize("names,worst_region", [
+    (None, 0.0),  # regions named by index: nothing is "Other", region 3 (0/2) is the worst
+    ({"region": ["Asia", "Europe", "Africa", "Other"]}, 0.5),  # "Other" ignored -> Asia 1/2
+])
+def test_fmow_by_hand(names, worst_region):
+    labels = np.array([1, 1, 1, 1, 1, 1])
+    pred = [1 if c else 0 for c in FMOW_CORRECT]
+    m = fmow_metrics(onehot(pred, 2), labels, FMOW_META, names)
+    assert m["acc_all"] == pytest.approx(3 / 6)
+    # year 0: samples 0, 4, 5 -> 1/3; year 1: samples 1, 2, 3 -> 2/3
+    assert m["acc_year:0"] == pytest.approx(1 / 3) and m["acc_year:1"] == pytest.approx(2 / 3)
+    assert m["acc_worst_year"] == pytest.approx(1 / 3)
+    assert m["acc_worst_region"] == pytest.approx(worst_region)
+    key = "region:Africa" if names else "region:2"
+    assert m[f"acc_{key}"] is None and m[f"count_{key}"] == 0  # empty region reported, never worst
+
+
+def test_dollar_street_top5_by_hand():
+    desc = [6, 5, 4, 3, 2, 1]
+    logits = np.array([desc, desc, desc, desc[::-1]], dtype=float)
+    labels = np.array([5, 4, 0, 5])  # ranks 6 (miss), 5 (hit), 1 (hit), 1 (hit)
+    meta = np.array([[0, 7, 1], [0, 9, 1], [2, 3, 0], [2, 4, 0]])  # income_ds, income_meta, region
+    m = dollar_street_metrics(logits, labels, meta)
+    assert m["acc_top5_all"] == pytest.approx(3 / 4)
+    assert m["acc_top5_income_ds:0"] == pytest.approx(0.5) and m["acc_top5_income_ds:1"] is None
+    assert m["acc_top5_income_ds:2"] == 1.0 and m["acc_top5_wg"] == pytest.approx(0.5)
+
+
+def test_geode_tie_goes_to_first_class():
+    logits = np.array([[2, 2, 0], [2, 2, 0], [0, 1, 3]], dtype=float)
+    labels = np.array([0, 1, 2])  # the tie predicts class 0: right, then wrong
+    meta = np.array([[1, 10], [1, 11], [0, 12]])  # region, country
+    m = geode_metrics(logits, labels, meta)
+    assert m["acc_all"] == pytest.approx(2 / 3)
+    assert (m["acc_region:0"], m["acc_region:1"], m["acc_wg"]) == (1.0, 0.5, 0.5)
+
+
+def test_camelyon17_by_hand():
+    meta = np.array([[0, 0, 1], [1, 2, 0], [1, 2, 1]])  # hospital, slide, y
+    m = camelyon17_metrics(onehot([1, 1, 1], 2), np.array([1, 0, 1]), meta)
+    assert m["acc_all"] == pytest.approx(2 / 3) and m["acc_slide:1"] is None
+    assert (m["acc_slide:0"], m["acc_slide:2"], m["acc_wg"]) == (1.0, 0.5, 0.5)
+
+
+def test_bad_metadata():
+    with pytest.raises(CurateError, match="non-negative integers"):
+        geode_metrics(onehot([0], 2), np.array([0]), np.array([[-1, 0]]))
+    with pytest.raises(CurateError, match="needs column 1"):
+        fmow_metrics(onehot([0], 2), np.array([0]), np.array([[0]]))
+
+
+def test_winogavil_by_hand():
+    a = ([.9, .1, .8, .2, .3], [1, 0, 0, 0, 1])  # picks 0, 2 -> {0} / {0, 2, 4} = 1/3
+    b = ([5, 4, 0, 3, 0, 0, 0, 0, 0, 0], [1, 1, 1] + [0] * 7)  # picks 0, 1, 3 -> 2/4
+    c = ([0] * 12, [0] * 11 + [1])  # all tied: stable sort, the last index wins -> 1/1
+    d = ([1, 0, 0, 0, 0, 2] + [0] * 6, [1, 1] + [0] * 10)  # picks 5, 0 -> 1/3
+    assert [jaccard_top_n(*x) for x in (a, b, c, d)] == pytest.approx([1 / 3, 0.5, 1.0, 1 / 3])
+    m = winogavil_metrics([a, b, c, d])
+    assert m["jaccard_score_5"] == pytest.approx(1 / 3) and m["jaccard_score_6"] is None
+    assert m["jaccard_score_10"] == pytest.approx(0.5) and m["jaccard_score_12"] == pytest.approx(2 / 3)
+    assert m["jaccard_score_5-6"] == pytest.approx(1 / 3)
+    assert m["jaccard_score_10-12"] == pytest.approx((0.5 + 1.0 + 1 / 3) / 3)
+    assert m["avg_jaccard_score"] == pytest.approx((1 / 3 + 0.5 + 1.0 + 1 / 3) / 4)
+    assert jaccard_top_n([1, 2], [0, 0]) == 0.0  # no association: DataComp's argsort()[-0:] picks all
+
+
+def test_tasklist_still_38_scored_with_group_metrics():
+    t = load_tasklist()
+    scored = {k: v["main_metric"] for k, v in t.items() if v["main_metric"] is not None}
+    assert len(scored) == 38
+    assert (scored["wilds/fmow"], scored["wilds/camelyon17"], scored["fairness/geode"]) == (
+        "acc_worst_region", "acc1", "acc_wg")
+    res = {k: {"metrics": {"main_metric": 0.5}} for k in scored}
+    assert aggregate(res, t)["Average"] == {"value": 0.5, "tasks": "38/38"}
+
+
+# --------------------------------------------------------------------------- a real run with metadata
+
+COLOURS = [("red", (220, 30, 30)), ("green", (30, 200, 30)), ("blue", (30, 30, 220)),
+           ("yellow", (220, 220, 30)), ("purple", (140, 30, 160)), ("grey", (128, 128, 128))]
+
+
+def _jpeg(rgb) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), rgb).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _npy(v) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(v, dtype=np.int64))
+    return buf.getvalue()
+
+
+def _tar(path: Path, samples):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tf:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+
+
+def _task(root: Path, classes, samples, nshards_txt=True):
+    _tar(root / "test" / "0.tar", samples)
+    if nshards_txt:
+        (root / "test" / "nshards.txt").write_text("1\n")
+    (root / "classnames.txt").write_text("".join(f"{c}\n" for c in classes))
+    (root / "zeroshot_classification_templates.txt").write_text("a {c} square.\n{c}\n")
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    import open_clip
+    import torch
+
+    from curate.train import resolve_model
+
+    model = resolve_model("tiny-vit")
+    torch.manual_seed(0)
+    m = open_clip.create_model(model)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    ck = run / "checkpoints" / "epoch_latest.pt"
+    torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in m.state_dict().items()}}, ck)
+    (run / "info.json").write_text(json.dumps({"scale": "tiny", "model": model, "checkpoint": str(ck)}))
+    return run
+
+
+# FMoW-style: 3 classes, region (index 3 named "Other"), year; Dollar Street: 6 classes, income_ds
+FMOW = [(i % 3, [[0, 1, 3][i % 3], i % 2, i % 3]) for i in range(9)]
+DOLLAR = [(i % 6, [i % 4 if i % 4 != 2 else 3, 0, 1]) for i in range(12)]  # income group 2 empty
+
+
+@pytest.fixture
+def meta_data(tmp_path):
+    d = tmp_path / "evaldata"
+    fm = d / "wds_wilds-fmow_test"
+    _task(fm, [c for c, _ in COLOURS[:3]], [(f"s{i:04d}", {"jpg": _jpeg(COLOURS[c][1]), "cls": str(c).encode(),
+                                                          "npy": _npy(v)}) for i, (c, v) in enumerate(FMOW)])
+    (fm / "metadata_names.json").write_text(json.dumps({"region": ["Asia", "Europe", "Africa", "Other"]}))
+    _task(d / "wds_dollar_street_test", [c for c, _ in COLOURS],  # DataComp drops "fairness/" here
+          [(f"s{i:04d}", {"webp" if i % 2 else "png": _png(COLOURS[c][1], "WEBP" if i % 2 else "PNG"),
+                          "cls": str(c).encode(), "npy": _npy(v)}) for i, (c, v) in enumerate(DOLLAR)])
+    # GeoDE data without metadata: its worst-region accuracy cannot be computed
+    _task(d / "wds_geode_test", ["red", "green"], [("s0000", {"jpg": _jpeg((220, 30, 30)), "cls": b"0"})])
+    _task(d / "wds_misc-winogavil_test", ["x"], [("s0000", {"jpg": _jpeg((0, 0, 0)), "cls": b"0"})])
+    tasks = tmp_path / "tasks.yml"
+    tasks.write_text(
+        "wilds/fmow:\n  name: FMoW\n  num_classes: 3\n  main_metric: acc_worst_region\n"
+        "fairness/dollar_street:\n  name: Dollar Street\n  num_classes: 6\n  main_metric: acc_top5_wg\n"
+        "fairness/geode:\n  name: GeoDE\n  num_classes: 2\n  main_metric: acc_wg\n"
+        "misc/winogavil:\n  name: WinoGAViL\n  main_metric: jaccard_score_10-12\n  task: winogavil\n")
+    return d, tasks
+
+
+def _png(rgb, fmt) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), rgb).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _independent_logits(run_dir: Path, classes, images: list[bytes]) -> np.ndarray:
+    """Zero-shot logits computed here with open_clip directly (not through curate.evaluate)."""
+    import open_clip
+    import torch
+    from PIL import Image
+
+    rec = json.loads((run_dir / "info.json").read_text())
+    model, _, pre = open_clip.create_model_and_transforms(rec["model"])
+    sd = torch.load(rec["checkpoint"], map_location="cpu")["state_dict"]
+    model.load_state_dict({k[len("module."):]: v for k, v in sd.items()})
+    model.eval()
+    tok = open_clip.get_tokenizer(rec["model"])
+    with torch.no_grad():
+        w = []
+        for c in classes:
+            e = model.encode_text(tok([f"a {c} square.", c])).double()
+            e = torch.nn.functional.normalize(e, dim=-1).mean(0)
+            w.append(e / e.norm())
+        w = torch.stack(w, dim=1).numpy()
+        f = model.encode_image(torch.stack([pre(Image.open(io.BytesIO(b)).convert("RGB")) for b in images])).numpy()
+    f = f / np.linalg.norm(f, axis=-1, keepdims=True)
+    return 100.0 * f @ w
+
+
+def test_eval_run_with_metadata(run_dir, meta_data):
+    data, tasks = meta_data
+    s = evaluate_run(run_dir, tasks=tasks, data_dir=data)
+    rows = {r["key"]: r for r in s.rows}
+    assert {k: r["status"] for k, r in rows.items()} == {
+        "wilds/fmow": "evaluated", "fairness/dollar_street": "evaluated", "fairness/geode": "unsupported",
+        "misc/winogavil": "unsupported"}
+    assert ".npy metadata" in rows["fairness/geode"]["reason"] and "region, country" in rows["fairness/geode"]["reason"]
+    assert "nlphuji/winogavil" in rows["misc/winogavil"]["reason"]
+    assert "needs per-sample .npy metadata" in s.table()
+    res = {json.loads(x)["key"]: json.loads(x) for x in (run_dir / "eval_results.jsonl").read_text().splitlines()}
+    assert set(res) == {"wilds/fmow", "fairness/dollar_street"}
+
+    fm = res["wilds/fmow"]["metrics"]
+    labels = np.array([c for c, _ in FMOW])
+    logits = _independent_logits(run_dir, [c for c, _ in COLOURS[:3]], [_jpeg(COLOURS[c][1]) for c in labels])
+    want = fmow_metrics(logits, labels, np.array([v for _, v in FMOW]),
+                        {"region": ["Asia", "Europe", "Africa", "Other"]})
+    assert fm["main_metric"] == fm["acc_worst_region"] == pytest.approx(want["acc_worst_region"])
+    for k, v in want.items():
+        assert fm[k] == (pytest.approx(v) if v is not None else None), k
+    assert fm["count_region:Other"] == 3 and fm["acc_region:Africa"] is None
+    # region "Other" is not among the candidates for the worst region
+    assert fm["acc_worst_region"] == min(fm["acc_region:Asia"], fm["acc_region:Europe"])
+
+    ds = res["fairness/dollar_street"]["metrics"]
+    labels = np.array([c for c, _ in DOLLAR])
+    imgs = [_png(COLOURS[c][1], "WEBP" if i % 2 else "PNG") for i, c in enumerate(labels)]
+    logits = _independent_logits(run_dir, [c for c, _ in COLOURS], imgs)
+    want = dollar_street_metrics(logits, labels, np.array([v for _, v in DOLLAR]))
+    assert ds["main_metric"] == ds["acc_top5_wg"] == pytest.approx(want["acc_top5_wg"])
+    assert ds["acc_top5_all"] == pytest.approx(want["acc_top5_all"]) and ds["acc_top5_income_ds:2"] is None
+    for m in (fm, ds):
+        for k, v in m.items():
+            if v is not None and not k.startswith("count_"):
+                assert 0.0 <= v <= 1.0, k
+    assert res["fairness/dollar_street"]["n"] == 12 and res["wilds/fmow"]["n"] == 9
+
+
+def test_partial_metadata_is_an_error(run_dir, tmp_path):
+    d = tmp_path / "e"
+    _task(d / "wds_wilds-fmow_test", ["red", "green"],
+          [("s0000", {"jpg": _jpeg((220, 30, 30)), "cls": b"0", "npy": _npy([0, 0, 0])}),
+           ("s0001", {"jpg": _jpeg((30, 200, 30)), "cls": b"1"})])
+    tasks = tmp_path / "t.yml"
+    tasks.write_text("wilds/fmow:\n  name: FMoW\n  main_metric: acc_worst_region\n")
+    with pytest.raises(CurateError, match="s0001 has no .npy metadata"):
+        evaluate_run(run_dir, tasks=tasks, data_dir=d)
