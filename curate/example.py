@@ -20,8 +20,9 @@ CATALOG_NAME = "catalog.duckdb.example"
 def build_example(root: str | Path = ROOT, text_features: bool = True) -> Path:
     """Regenerate the sample pool and its catalog under ``root``.
 
-    With ``text_features`` (needs the ``text`` extra) the catalog ships with its text features
-    built, so the text baselines run on it without writing into the repository.
+    With ``text_features`` (needs the ``text`` extra) the catalog ships with its text feature
+    tables built (``text_features`` and ``text_lang_cld3``), so the text baselines run on it
+    without writing into the repository.
     """
     root = Path(root)
     pool = root / SAMPLE_POOL_DIR
@@ -29,9 +30,11 @@ def build_example(root: str | Path = ROOT, text_features: bool = True) -> Path:
     catalog = init_catalog(root / CATALOG_NAME, pool=pool, relative=True, overwrite=True,
                            features_dir=pool / "features")
     if text_features:
+        from curate.cld3features import build_text_lang_cld3
         from curate.textfeatures import build_text_features
 
         build_text_features(catalog, workers=1, progress=False, force=True)
+        build_text_lang_cld3(catalog, workers=1, progress=False, force=True)
     return catalog
 
 

@@ -2,7 +2,7 @@
 
 Each feature area attaches its own commands to :data:`features` from its own module (e.g.
 ``curate.clusters_cli`` adds ``features clusters``); this module owns the group and the text
-features command (``features text``).
+features commands (``features text``, ``features cld3``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ def features():
     \b
     Example:
       curate features text catalog.duckdb --workers 2
+      curate features cld3 catalog.duckdb
       curate features clusters --clusters xlarge
     """
 
@@ -36,10 +37,11 @@ def features():
               help="local: worker processes here; ray: one task per stale pool file on a Ray cluster.")
 @click.option("--ray-address", default=None, metavar="ADDRESS", help="Ray cluster to join (with --engine ray).")
 def text_cmd(catalog, workers, lid_model, force, engine, ray_address):
-    """Compute the `text_features` table (language IDs, caption counts, WordNet entity match).
+    """Compute the `text_features` table (fastText LID, caption counts, WordNet entity match).
 
     One parquet per pool file under the catalog's features dir; files already current are
-    skipped, so an interrupted run resumes. Registers the view `text_features`.
+    skipped, so an interrupted run resumes. Registers the view `text_features`. CLD3 (used
+    only by laion2b.sql) is a separate table: `curate features cld3`.
 
     \b
     Example:
@@ -66,6 +68,46 @@ def text_cmd(catalog, workers, lid_model, force, engine, ray_address):
                f"{rate:,.0f}/s), {len(res.skipped)} already current; {res.rows_total:,} rows in {res.out_dir}")
     click.echo(f"fastText model {lid['name']} (sha256 {lid['sha256'][:12]}...), view text_features "
                f"registered in {catalog}, {res.elapsed:.1f}s")
+
+
+@features.command("cld3")
+@click.argument("catalog", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--workers", "-j", type=int, default=None,
+              help="Worker processes, one pool file each (default: number of cores; in-process "
+                   "below 100k captions, where starting workers costs more than it saves).")
+@click.option("--force", is_flag=True, help="Recompute every file, even those already current.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: worker processes here; ray: one task per stale pool file on a Ray cluster.")
+@click.option("--ray-address", default=None, metavar="ADDRESS", help="Ray cluster to join (with --engine ray).")
+def cld3_cmd(catalog, workers, force, engine, ray_address):
+    """Compute the `text_lang_cld3` table: CLD3's language of every caption (for laion2b.sql).
+
+    gcld3 NNetLanguageIdentifier(min_num_bytes=0, max_num_bytes=1000) on the caption with
+    newlines replaced, as DataComp calls it. One parquet per pool file under the catalog's
+    features dir; files already current are skipped, so an interrupted run resumes. Registers
+    the view `text_lang_cld3` (`curate run filters/laion2b.sql` builds it on first use).
+
+    \b
+    Example:
+      curate features cld3 catalog.duckdb --workers 2
+    """
+    import sys
+
+    from curate.catalog import CatalogError
+    from curate.cld3features import VIEW, build_text_lang_cld3
+
+    if not catalog.is_file():
+        raise CatalogError(f"{catalog}: catalog not found (create one with `curate catalog init`)")
+    if engine == "ray":
+        from curate.distributed.features import build_text_lang_cld3_ray
+
+        res = build_text_lang_cld3_ray(catalog, progress=sys.stderr.isatty(), force=force, address=ray_address)
+    else:
+        res = build_text_lang_cld3(catalog, workers=workers, progress=sys.stderr.isatty(), force=force)
+    rate = res.rows_computed / res.elapsed if res.elapsed > 0 else 0.0
+    click.echo(f"{VIEW}: computed {len(res.computed)} file(s) ({res.rows_computed:,} captions, "
+               f"{rate:,.0f}/s), {len(res.skipped)} already current; {res.rows_total:,} rows in {res.out_dir}")
+    click.echo(f"CLD3 {res.settings['cld3']['package']}, view {VIEW} registered in {catalog}, {res.elapsed:.1f}s")
 
 
 def register(main) -> None:

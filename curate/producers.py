@@ -28,6 +28,7 @@ import sqlglot
 PRODUCERS: dict[str, str] = {
     "cluster_assignments": "curate.clusters:ASSIGNMENTS",
     "text_features": "curate.textfeatures:PRODUCER",
+    "text_lang_cld3": "curate.cld3features:PRODUCER",
 }
 
 

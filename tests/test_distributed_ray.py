@@ -256,6 +256,18 @@ def test_text_features_on_ray_match_the_local_build(ray_session, tmp_path):
     r = CliRunner().invoke(main, ["ray", "features-text", "-c", str(remote)])
     assert r.exit_code == 0, r.output
     assert r.output.startswith("text_features: computed 0 file(s) (0 captions), 2 up to date")
+    # the CLD3 table (laion2b) the same way: Ray tasks equal the local build, then resume
+    from curate.cld3features import build_text_lang_cld3
+    from curate.distributed.features import build_text_lang_cld3_ray
+
+    build_text_lang_cld3(local, workers=1, progress=False)
+    r = CliRunner().invoke(main, ["features", "cld3", str(remote), "--engine", "ray"])
+    assert r.exit_code == 0, r.output
+    assert r.output.startswith("text_lang_cld3: computed 2 file(s) (300 captions")
+    for f in sorted((tmp_path / "fl" / "text_lang_cld3").glob("*.parquet")):
+        assert pq.read_table(f).equals(pq.read_table(tmp_path / "fr" / "text_lang_cld3" / f.name))
+    again = build_text_lang_cld3_ray(remote, progress=False)
+    assert again.computed == [] and len(again.skipped) == 2
 
 
 def test_cli_ray_run_and_errors(ray_session, pool, tmp_path):

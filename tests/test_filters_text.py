@@ -95,11 +95,11 @@ def run(cat, tmp_path, name):
     return read_uids(out)
 
 
-def check_langs(cat, table, column):
+def check_langs(cat, table, column, view="text_features"):
     from curate.catalog import connect
 
     con = connect(cat)
-    got = dict(con.execute(f"SELECT p.text, t.{column} FROM pool p JOIN text_features t USING (uid)").fetchall())
+    got = dict(con.execute(f"SELECT p.text, t.{column} FROM pool p JOIN {view} t USING (uid)").fetchall())
     con.close()
     for text, want in table:
         if want is not None:
@@ -127,7 +127,8 @@ def test_laion2b_hand_worked(make_catalog, tmp_path):
     rows = [{"uid": uid_of(i), "text": t, "clip_b32_similarity_score": s} for i, (t, s, _, _) in enumerate(LAION)]
     cat = catalog_for(make_catalog, rows)
     kept = run(cat, tmp_path, "laion2b")
-    check_langs(cat, [(t, lang) for t, _, lang, _ in LAION if t != DOG] + [(DOG, "en")], "lang_cld3")
+    check_langs(cat, [(t, lang) for t, _, lang, _ in LAION if t != DOG] + [(DOG, "en")], "lang_cld3",
+                "text_lang_cld3")
     assert kept == sorted(uid_of(i) for i, case in enumerate(LAION) if case[-1])
 
 
@@ -186,11 +187,21 @@ def test_parity_with_datacomp_on_the_sample_pool(tmp_path):
                     ignore=shutil.ignore_patterns("*.npz"))
     cat = init_catalog(tmp_path / "catalog.duckdb", pool=tmp_path / "pool", relative=True,
                        features_dir=tmp_path / "pool" / "features")
-    # `curate run` on a fresh catalog builds the text features first
+    # `curate run` on a fresh catalog builds the feature table a filter needs first, and only it:
+    # laion2b reads CLD3 labels (text_lang_cld3), the others the fastText/WordNet table
     r = CliRunner().invoke(main, ["run", str(FILTERS / "laion2b.sql"), "-c", str(cat), "-o", str(tmp_path / "l.npy")])
     assert r.exit_code == 0, r.output
-    assert (tmp_path / "pool" / "features" / "text_features").is_dir()
+    assert (tmp_path / "pool" / "features" / "text_lang_cld3").is_dir()
+    assert not (tmp_path / "pool" / "features" / "text_features").exists()
     manifest = json.loads((tmp_path / "l.json").read_text())
+    assert list(manifest["features"]) == ["text_lang_cld3"]
+    assert manifest["features"]["text_lang_cld3"]["built_now"] is True
+    assert manifest["features"]["text_lang_cld3"]["cld3"]["max_num_bytes"] == 1000
+    r = CliRunner().invoke(main, ["run", str(FILTERS / "basic_filter.sql"), "-c", str(cat),
+                                  "-o", str(tmp_path / "b.npy")])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((tmp_path / "b.json").read_text())
+    assert list(manifest["features"]) == ["text_features"]
     assert manifest["features"]["text_features"]["built_now"] is True
     assert manifest["features"]["text_features"]["lid_model"]["name"] == "lid.176.ftz"
     for name in ("basic_filter", "text_based", "laion2b"):

@@ -63,14 +63,20 @@ def test_values_and_view(make_catalog):
     con = connect(cat)
     got = con.execute(
         "SELECT p.text, t.n_words, t.n_chars, t.n_tokens_fasttext, t.in21k_entity, t.file, t.\"row\", "
-        "t.lang_fasttext, t.lang_cld3 FROM pool p JOIN text_features t USING (uid) ORDER BY p.file, p.\"row\"").fetchall()
+        "t.lang_fasttext FROM pool p JOIN text_features t USING (uid) ORDER BY p.file, p.\"row\"").fetchall()
+    columns = [r[0] for r in con.execute("DESCRIBE text_features").fetchall()]
+    cld3_views = con.execute("SELECT count(*) FROM curate_views WHERE name = 'text_lang_cld3'").fetchone()[0]
     con.close()
     assert [g[:5] for g in got] == [tuple(r) for r in ROWS]
     assert [(g[5], g[6]) for g in got] == [("0000", 0), ("0000", 1), ("0000", 2), ("0001", 0), ("0001", 1), ("0001", 2)]
-    assert got[0][7] == "en" and got[0][8] == "en"
+    assert got[0][7] == "en"
+    # CLD3 is its own table (text_lang_cld3), not computed here
+    assert columns == ["uid", "file", "row", "lang_fasttext", "n_words", "n_chars", "n_tokens_fasttext", "in21k_entity"]
+    assert cld3_views == 0
     assert PRODUCER.is_current(cat, {})
     d = PRODUCER.describe(cat, {})
     assert d["lid_model"]["name"] == "lid.176.ftz" and d["files"] == 2 and d["rows"] == 6
+    assert "cld3" not in d and "cld3" not in read_output_meta(outputs(cat)[0])["settings"]
 
 
 def test_resume_skips_current_files_and_detects_stale_pool_file(make_catalog):
@@ -108,6 +114,22 @@ def test_model_change_recomputes_and_is_recorded(make_catalog, tmp_path):
         del os.environ["CURATE_LID_MODEL"]
     # without an explicit model, features built with lid.other.ftz stay current
     assert PRODUCER.is_current(cat, {})
+
+
+def test_outputs_from_before_the_cld3_split_are_stale(make_catalog):
+    import json
+
+    from curate.textfeatures import META_KEY
+
+    cat = make_catalog(files_of(ROWS))
+    build_text_features(cat, workers=1, progress=False)
+    out = outputs(cat)[0]
+    t = pq.read_table(out)
+    meta = json.loads(t.schema.metadata[META_KEY])
+    meta["settings"]["schema"] = 1  # schema 1 held lang_cld3
+    pq.write_table(t.replace_schema_metadata({META_KEY: json.dumps(meta).encode()}), out)
+    assert not PRODUCER.is_current(cat, {})
+    assert build_text_features(cat, workers=1, progress=False).computed == ["0000"]
 
 
 def test_parallel_equals_serial(make_catalog):
