@@ -14,6 +14,8 @@ from pathlib import Path
 
 import click
 
+from curate.distributed.cli import engine_options
+
 from curate.errors import CurateError
 
 
@@ -49,10 +51,7 @@ catalog_option = click.option(
               help="Subset file to write (default: subsets/FILTER.npy); a .json manifest goes beside it.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override a parameter the filter declares with SET VARIABLE (repeatable).")
-@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="local: this process with DuckDB; ray: one task per pool file on a Ray cluster.")
-@click.option("--ray-address", default=None, metavar="ADDRESS",
-              help="Ray cluster to join (e.g. auto); default: start Ray locally. Only with --engine ray.")
+@engine_options("one DuckDB task per pool file")
 def run_cmd(filter_file, catalog, out, sets, engine, ray_address):
     """Run a SQL filter and write a DataComp subset file (sorted u8,u8 .npy).
 

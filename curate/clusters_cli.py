@@ -13,6 +13,8 @@ from pathlib import Path
 
 import click
 
+from curate.distributed.cli import engine_options
+
 from curate.errors import CurateError
 
 _catalog_arg = click.argument("catalog", type=click.Path(dir_okay=False, path_type=Path))
@@ -142,9 +144,7 @@ def _echo_set(cs, t0) -> None:
 @click.command("clusters")
 @_catalog_arg
 @click.option("--clusters", "name", required=True, help="Cluster set name.")
-@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="local: this process; ray: one task per pool file on a Ray cluster.")
-@click.option("--ray-address", default=None, metavar="ADDRESS", help="Ray cluster to join (with --engine ray).")
+@engine_options("one task per pool file")
 def features_clusters_cmd(catalog, name, engine, ray_address):
     """Materialise every pool row's nearest centroid (inner product) for a cluster set.
 

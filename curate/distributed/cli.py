@@ -17,14 +17,19 @@ import click
 from curate.errors import CurateError
 
 
-def engine_options(f):
-    """Add ``--engine {local,ray}`` (default local) and ``--ray-address`` to a click command."""
-    f = click.option("--ray-address", default=None, metavar="ADDRESS",
-                     help="Ray cluster to join (e.g. auto, ray://head:10001); default: start Ray locally. "
-                          "Only with --engine ray.")(f)
-    f = click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-                     help="local: this process with DuckDB; ray: one task per pool file on a Ray cluster.")(f)
-    return f
+def engine_options(unit: str = "one task per pool file"):
+    """``--engine {local,ray}`` (default local) and ``--ray-address`` for a click command.
+
+    ``unit`` says what one Ray task does for that command (for the help text).
+    """
+    def decorate(f):
+        f = click.option("--ray-address", default=None, metavar="ADDRESS",
+                         help="Ray cluster to join (e.g. auto, ray://head:10001); default: start Ray "
+                              "locally. Only with --engine ray.")(f)
+        f = click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                         help=f"local: this machine; ray: {unit} on a Ray cluster.")(f)
+        return f
+    return decorate
 
 
 def _storage_options(text):

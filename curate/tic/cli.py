@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from curate.distributed.cli import engine_options
+
 catalog_arg = click.argument("catalog", type=click.Path(dir_okay=False, path_type=Path))
 filter_opt = click.option("--filter", "filter_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
                           help="Restrict training splits to a subset file (.npy) or a filter's result (.sql).")
@@ -59,10 +61,8 @@ def attach_cmd(catalog, tic_dir):
 @click.option("--shards", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Pool shard dir for the eval sets (default: the catalog's shards dir).")
 @click.option("--workers", "-j", type=int, default=None, help="Reshard worker processes.")
-@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="ray: a .sql --filter runs per pool file on Ray and the eval sets are resharded as Ray "
-                   "tasks; the one streaming pass that writes the split files stays on this machine.")
-@click.option("--ray-address", default=None, metavar="ADDRESS", help="Ray cluster to join (with --engine ray).")
+@engine_options("a .sql --filter per pool file and the eval-set shards as tasks (the streaming "
+                "pass that writes the split files stays here)")
 def export_cmd(catalog, out, filter_path, sets, eval_sets, shards, workers, engine, ray_address):
     """Write every yearly and monthly subset file (one pass) and the eval sets.
 
