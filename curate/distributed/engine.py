@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from curate.errors import CurateError
 
@@ -38,6 +39,10 @@ def _ray():
 
 def connect_ray(address: str | None = None, num_cpus: int | None = None):
     """Join ``address`` (or start a local instance); reuse the connection if one is open."""
+    if not address and "ray" not in sys.modules:
+        # A Ray started here stays on loopback (127.0.0.1) instead of the machine's network
+        # address: Ray only does that when this flag, read at import, says "no cluster".
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray = _ray()
     if ray.is_initialized():
         return ray
