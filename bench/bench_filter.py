@@ -39,10 +39,17 @@ KEY = "clip_l14_similarity_score"
 
 
 # ---- the naive DataComp way (baselines/apply_filter.py), re-implemented for comparison ----
-def _naive_threshold(files, fraction):
+def _naive_key_column(f):
     import pandas as pd
 
-    df = pd.concat([pd.read_parquet(f, columns=[KEY]) for f in files], ignore_index=True)
+    return pd.read_parquet(f, columns=[KEY])
+
+
+def _naive_threshold(pool, files, fraction):
+    import pandas as pd
+
+    # DataComp's get_threshold reads the key column of every file in its worker pool, then concatenates
+    df = pd.concat(list(pool.imap_unordered(_naive_key_column, files)), ignore_index=True)
     n = int(len(df) * fraction)
     return (-np.sort(-df[KEY].values))[n]
 
@@ -57,8 +64,8 @@ def _naive_file(args):
 
 
 def naive(files, fraction, out):
-    threshold = _naive_threshold(files, fraction)
     with mp.get_context("spawn").Pool(os.cpu_count()) as pool:
+        threshold = _naive_threshold(pool, files, fraction)
         parts = list(pool.imap_unordered(_naive_file, [(f, threshold) for f in files]))
     uids = np.concatenate(parts)
     uids.sort()
