@@ -13,6 +13,7 @@ directory, and ``connect`` shadows its views with temporary ones built on absolu
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import re
@@ -212,12 +213,7 @@ def init_catalog(
         p = Path(p).resolve()
         return os.path.relpath(p, base) if relative else str(p)
 
-    tmp = catalog.with_name(f".{catalog.name}.{os.getpid()}.tmp")
-    for leftover in (tmp, Path(str(tmp) + ".wal")):
-        leftover.unlink(missing_ok=True)
-    try:
-        con = duckdb.connect(str(tmp))
-        con.execute(CATALOG_TABLES_DDL)
+    with building_catalog(catalog) as con:
         meta = {
             "curate_version": __version__,
             "paths": "relative" if relative else "absolute",
@@ -241,13 +237,27 @@ def init_catalog(
         _create_views(con, _view_values(con, None), temp=False)
         # bind-check now, so a broken pool fails here rather than at the first query
         con.execute("SELECT count(*) FROM pool").fetchall()
+    return catalog
+
+
+@contextlib.contextmanager
+def building_catalog(catalog: Path):
+    """A connection to a new catalog file with curate's tables, written under a temporary
+    name and renamed to ``catalog`` only when the block succeeds (nothing is left on failure)."""
+    tmp = catalog.with_name(f".{catalog.name}.{os.getpid()}.tmp")
+    leftovers = (tmp, Path(str(tmp) + ".wal"))
+    for leftover in leftovers:
+        leftover.unlink(missing_ok=True)
+    try:
+        con = duckdb.connect(str(tmp))
+        con.execute(CATALOG_TABLES_DDL)
+        yield con
         con.close()
         os.replace(tmp, catalog)
     except BaseException:
-        for leftover in (tmp, Path(str(tmp) + ".wal")):
+        for leftover in leftovers:
             leftover.unlink(missing_ok=True)
         raise
-    return catalog
 
 
 def default_catalog() -> Path:

@@ -8,13 +8,11 @@ files). ``engine_options`` is the decorator the other commands (``curate run``,
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import click
 
-from curate.errors import CurateError
 
 
 def engine_options(unit: str = "one task per pool file"):
@@ -33,15 +31,9 @@ def engine_options(unit: str = "one task per pool file"):
 
 
 def _storage_options(text):
-    if not text:
-        return None
-    try:
-        opts = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise CurateError(f"--storage-options: not JSON ({e.msg} at character {e.pos})") from None
-    if not isinstance(opts, dict):
-        raise CurateError("--storage-options: must be a JSON object of fsspec options")
-    return opts
+    from curate.distributed.storage import parse_storage_options
+
+    return parse_storage_options(text, "--storage-options")
 
 
 storage_option = click.option(

@@ -10,14 +10,12 @@ columns with the right types and the same extra columns; the ``.npz`` beside eac
 from __future__ import annotations
 
 import datetime as _dt
-import os
 from pathlib import Path
 
-import duckdb
 import pyarrow.parquet as pq
 
 from curate import __version__
-from curate.catalog import (CATALOG_TABLES_DDL, IGNORED_COLUMNS, IGNORED_FILES, POOL_COLUMNS, CatalogError, _create_views, _type_family,
+from curate.catalog import (IGNORED_COLUMNS, building_catalog, IGNORED_FILES, POOL_COLUMNS, CatalogError, _create_views, _type_family,
                             _view_values)
 from curate.distributed import storage
 
@@ -72,13 +70,8 @@ def init_remote_catalog(catalog, metadata_url: str, shards_url: str | None = Non
         shard += -(-meta.num_rows // 10000)
     if row_start == 0:
         raise CatalogError(f"{metadata_url}: the pool's parquet files hold no rows (empty pool)")
-    tmp = catalog.with_name(f".{catalog.name}.{os.getpid()}.tmp")
-    for leftover in (tmp, Path(str(tmp) + ".wal")):
-        leftover.unlink(missing_ok=True)
-    try:
-        con = duckdb.connect(str(tmp))
+    with building_catalog(catalog) as con:
         storage.register_filesystems(con, [metadata_url], storage_options)
-        con.execute(CATALOG_TABLES_DDL)
         meta = {
             "curate_version": __version__,
             "paths": "absolute",
@@ -94,10 +87,4 @@ def init_remote_catalog(catalog, metadata_url: str, shards_url: str | None = Non
         con.executemany("INSERT INTO pool_files VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
         _create_views(con, _view_values(con, None), temp=False)
         con.execute("SELECT count(*) FROM pool").fetchall()  # bind-check through fsspec now
-        con.close()
-        os.replace(tmp, catalog)
-    except BaseException:
-        for leftover in (tmp, Path(str(tmp) + ".wal")):
-            leftover.unlink(missing_ok=True)
-        raise
     return catalog

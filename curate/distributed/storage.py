@@ -151,15 +151,19 @@ def register_filesystems(con, paths, storage_options: dict | None = None) -> Non
         done.update(fs.protocol if isinstance(fs.protocol, (tuple, list)) else [fs.protocol])
 
 
-def storage_options_from_env() -> dict | None:
-    """``$CURATE_STORAGE_OPTIONS`` (a JSON object of fsspec options), if set."""
-    raw = os.environ.get("CURATE_STORAGE_OPTIONS")
+def parse_storage_options(raw: str | None, source: str) -> dict | None:
+    """fsspec options given as a JSON object (``source`` names where the text came from)."""
     if not raw:
         return None
     try:
         opts = json.loads(raw)
     except json.JSONDecodeError as e:
-        raise StorageError(f"$CURATE_STORAGE_OPTIONS: not JSON ({e.msg} at character {e.pos})") from None
+        raise StorageError(f"{source}: not JSON ({e.msg} at character {e.pos})") from None
     if not isinstance(opts, dict):
-        raise StorageError("$CURATE_STORAGE_OPTIONS: must be a JSON object of fsspec options")
+        raise StorageError(f"{source}: must be a JSON object of fsspec options")
     return opts
+
+
+def storage_options_from_env() -> dict | None:
+    """``$CURATE_STORAGE_OPTIONS`` (a JSON object of fsspec options), if set."""
+    return parse_storage_options(os.environ.get("CURATE_STORAGE_OPTIONS"), "$CURATE_STORAGE_OPTIONS")
