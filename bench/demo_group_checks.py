@@ -55,6 +55,25 @@ def emoji_set(groups: str) -> tuple[list[tuple[Path, str, int]], list[str]]:
     return [(p, n, classes.index(h)) for p, n, h in rows], classes
 
 
+def wider_scale(work: Path, width: int, layers: int) -> tuple[str, str]:
+    """The tiny scale with a wider/deeper model: a model config and a one-scale YAML in ``work``."""
+    import yaml
+
+    from curate.train import MODELS_DIR, scale_config
+
+    cfg = json.loads((MODELS_DIR / "tiny-vit" / "open_clip_config.json").read_text())
+    cfg["model_cfg"]["embed_dim"] = width
+    cfg["model_cfg"]["vision_cfg"].update(width=width, layers=layers)
+    cfg["model_cfg"]["text_cfg"].update(width=width, layers=layers, heads=max(1, width // 32))
+    model_dir = work / f"vit-w{width}-l{layers}"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "open_clip_config.json").write_text(json.dumps(cfg, indent=1))
+    scale = dict(scale_config("tiny"), model=str(model_dir))
+    scales = work / "scales.yaml"
+    scales.write_text(yaml.safe_dump({"wider": scale}))
+    return "wider", str(scales)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--groups", choices=["keyword", "head"], default="keyword")
@@ -63,6 +82,9 @@ def main() -> None:
     ap.add_argument("--eval-renders", type=int, default=3)
     ap.add_argument("--samples-seen", type=int, default=25_600)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--width", type=int, default=None,
+                    help="a wider model than tiny: tiny's settings with this width and embed dim for both towers")
+    ap.add_argument("--layers", type=int, default=None, help="with --width: layers of both towers")
     ap.add_argument("--work", default=None, help="work directory (default: a temporary one)")
     a = ap.parse_args()
 
@@ -72,11 +94,14 @@ def main() -> None:
     from curate.train import TrainSpec, read_record, train
 
     torch.set_num_threads(1)
+    work = Path(a.work or tempfile.mkdtemp(prefix="group_checks_"))
+    scale, scales_file = "tiny", None
+    if a.width:
+        scale, scales_file = wider_scale(work, a.width, a.layers or 2)
     rows, classes = emoji_set(a.groups)
     per = a.train_renders or (4 if a.groups == "keyword" else 8)
     print(f"{len(rows)} emoji, {len(classes)} groups:",
           dict(collections.Counter(classes[g] for *_, g in rows).most_common()))
-    work = Path(a.work or tempfile.mkdtemp(prefix="group_checks_"))
     data = work / "data"
     data.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
@@ -93,7 +118,7 @@ def main() -> None:
         write_wds(data / f"{k // 1000:08d}.tar", part)
         write_json(data / f"{k // 1000:08d}_stats.json", {"successes": len(part)})
 
-    run = train(TrainSpec(scale="tiny", data=str(data), output_dir=work / "runs", exp_name=f"clean_s{a.seed}",
+    run = train(TrainSpec(scale=scale, scales_file=scales_file, data=str(data), output_dir=work / "runs", exp_name=f"clean_s{a.seed}",
                           workers=1, num_checkpoints=1, train_num_samples=a.samples_seen, threads=1,
                           seed=a.seed, log_every_n_steps=100))
     rec = read_record(run.run_dir)
@@ -114,7 +139,7 @@ def main() -> None:
         n = counts.copy()
         n[k] -= 1
         loo.append(int(np.argmax((c / np.maximum(n, 1)[:, None]) @ x)) == k)
-    res = {"groups": a.groups, "captions": a.captions, "samples_seen": a.samples_seen, "seed": a.seed,
+    res = {"scale": scale, "width": a.width or 64, "layers": a.layers or 2, "groups": a.groups, "captions": a.captions, "samples_seen": a.samples_seen, "seed": a.seed,
            "emoji": len(rows), "eval_images": len(ev),
            "zero_shot_acc1": float((pred == lab).mean()),
            "zero_shot_mean_per_class_recall": float(np.mean([(pred[lab == k] == k).mean() for k in range(len(classes))])),
