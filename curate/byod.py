@@ -8,8 +8,9 @@ produces the same pair for every finished img2dataset shard: ``OUT/SSSSSSSS.parq
 order (like pool rows, which exist whether or not your download of them succeeded), so file rank
 equals shard number and the catalog's ``(file, row) -> (shard, key)`` rule holds when the shards
 are contiguous from 0. Rows whose image is not in the tar get NULL scores and zero image
-embeddings; text embeddings are computed for every row. ``curate catalog init --metadata OUT``
-then works and the same SQL filters run on your data.
+embeddings; text embeddings are computed for every row. Columns of the source metadata beyond
+the pool's nine (a timestamp, a source id) follow them (:class:`SourceColumns`).
+``curate catalog init --metadata OUT`` then works and the same SQL filters run on your data.
 
 The model is an open_clip architecture (a registered name such as ``ViT-B-32``, or a JSON
 config file for a custom one) with weights from a local checkpoint file; nothing is fetched from
@@ -27,7 +28,7 @@ import json
 import os
 import tarfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,81 @@ OUT_SCHEMA = pa.schema([
 
 class ByodError(CurateError):
     """Shards, models or outputs that cannot be scored as given."""
+
+
+class SourceColumns:
+    """The columns of the metadata the shards came from that the pool's nine do not cover
+    (a timestamp, a source id...), found for each shard's samples so that the scored metadata
+    keeps them.
+
+    Shard S holds rows of one metadata file, by img2dataset's rule the catalog also uses: file f
+    starts at shard ``first_shard`` and shard S has its rows from ``(S - first_shard) * 10,000``, at
+    most 10,000 of them. Only that slice is read (the row groups that overlap it).
+    """
+
+    def __init__(self, metadata_dir: str | os.PathLike):
+        from curate.catalog import IGNORED_COLUMNS, POOL_COLUMNS
+        from curate.download import DownloadError, check_metadata
+
+        try:  # the files, their order and shard numbers exactly as `curate download` saw them
+            self.md = check_metadata(metadata_dir, blur=False, verify=False)
+        except DownloadError as e:
+            raise ByodError(f"source metadata: {e}") from None
+        self.fields: list[pa.Field] = []
+        for i, f in enumerate(self.md.files):
+            schema = pq.read_schema(f.path)
+            extra = [schema.field(n) for n in schema.names if n not in POOL_COLUMNS and n not in IGNORED_COLUMNS]
+            if i == 0:
+                self.fields = extra
+            elif [(x.name, x.type) for x in extra] != [(x.name, x.type) for x in self.fields]:
+                raise ByodError(f"{f.path}: extra columns {[f'{x.name} {x.type}' for x in extra]} differ from "
+                                f"{self.md.files[0].path.name}'s {[f'{x.name} {x.type}' for x in self.fields]}")
+        self.names = [x.name for x in self.fields]
+
+    def for_shard(self, shard: int, keys: list[str], uids: list[str | None], where: str) -> list[pa.Array]:
+        """One array per extra column for a shard's samples (img2dataset keys ``S * 10**4 + r``:
+        sample r of shard S is row ``(S - first_shard) * 10**4 + r`` of its metadata file). A
+        sample whose uid differs from that row's is an error: the metadata is not the one the
+        shards were downloaded from."""
+        from curate.download import SAMPLES_PER_SHARD, DownloadError
+
+        if not self.names:
+            return []
+        if not keys:  # an empty shard (e.g. a last one of failures only) may have no metadata rows
+            return [pa.array([], x.type) for x in self.fields]
+        try:
+            f = self.md.file_of_shard(shard)
+        except DownloadError as e:
+            raise ByodError(f"{where}: {e} in the source metadata") from None
+        base = (shard - f.first_shard) * SAMPLES_PER_SHARD
+        src = _read_rows(f.path, ["uid", *self.names], base, min(base + SAMPLES_PER_SHARD, f.num_rows))
+        src_uids = src.column("uid").to_pylist()
+        rows = []
+        for key, uid in zip(keys, uids):
+            r = int(key) - shard * SAMPLES_PER_SHARD
+            if not 0 <= r < len(src_uids) or src_uids[r] != uid:
+                found = src_uids[r] if 0 <= r < len(src_uids) else "no row"
+                raise ByodError(f"{where}: sample {key} has uid {uid} but row {base + r} of {f.path} has {found}; "
+                                f"pass the metadata these shards were downloaded from")
+            rows.append(r)
+        idx = pa.array(rows, pa.int64())
+        return [src.column(x.name).take(idx).combine_chunks().cast(x.type) for x in self.fields]
+
+
+def _read_rows(path: Path, columns: list[str], start: int, stop: int) -> pa.Table:
+    """Rows [start, stop) of a parquet file, reading only the row groups that overlap them."""
+    pf = pq.ParquetFile(path)
+    groups, offset, first = [], 0, None
+    for g in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        if offset < stop and offset + n > start:
+            groups.append(g)
+            first = offset if first is None else first
+        offset += n
+    if not groups:
+        return pf.schema_arrow.empty_table().select(columns)
+    t = pf.read_row_groups(groups, columns=columns)
+    return t.slice(start - first, stop - start)
 
 
 def default_embedding(arch: str) -> str:
@@ -109,6 +185,7 @@ class ScoreResult:
     images: int
     elapsed: float
     files: list[Path]
+    carried: list[str] = field(default_factory=list)  # source metadata columns kept after the nine
 
 
 def _finished_shards(shards_dir: Path) -> list[int]:
@@ -143,7 +220,7 @@ def _encode(model, fn, batch, device):
 
 
 def score_shard(shard: int, shards_dir: Path, out_dir: Path, model, preprocess, tokenizer, embedding: str,
-                batch_size: int = 256, device: str = "cpu") -> tuple[int, int]:
+                batch_size: int = 256, device: str = "cpu", source: SourceColumns | None = None) -> tuple[int, int]:
     """Score one shard; writes ``OUT/SSSSSSSS.npz`` then ``.parquet``. Returns (rows, images)."""
     import torch
     from PIL import Image
@@ -160,6 +237,8 @@ def score_shard(shard: int, shards_dir: Path, out_dir: Path, model, preprocess, 
                             f"uid and caption)")
     meta = meta.sort_by("key")
     keys = meta.column("key").to_pylist()
+    # before any encoding: a source that does not match these shards fails fast
+    extra = source.for_shard(shard, keys, meta.column("uid").to_pylist(), str(meta_path)) if source else []
     row_of = {k: i for i, k in enumerate(keys)}
     n = len(keys)
     captions = ["" if c is None else str(c) for c in meta.column("caption").to_pylist()]
@@ -216,6 +295,8 @@ def score_shard(shard: int, shards_dir: Path, out_dir: Path, model, preprocess, 
         "clip_l14_similarity_score": score_arr if embedding == "l14" else nulls,
         "face_bboxes": bboxes, "sha256": col("sha256", pa.string()),
     }, schema=OUT_SCHEMA)
+    for fld, arr in zip(source.fields if source else [], extra):
+        table = table.append_column(fld, arr)
     out_dir.mkdir(parents=True, exist_ok=True)
     # npz first, parquet last: a parquet without its npz never exists, so "parquet present" = done
     with atomic_path(out_dir / f"{name}.npz") as tmp, open(tmp, "wb") as fh:  # a path would get ".npz" appended
@@ -228,11 +309,13 @@ def score_shard(shard: int, shards_dir: Path, out_dir: Path, model, preprocess, 
 
 def score_shards(shards_dir: str | os.PathLike, out_metadata_dir: str | os.PathLike, model, preprocess, tokenizer,
                  embedding: str = "l14", batch_size: int = 256, device: str = "cpu", progress: bool = True,
-                 overwrite: bool = False) -> ScoreResult:
+                 overwrite: bool = False, metadata_dir: str | os.PathLike | None = None) -> ScoreResult:
     """Score every finished shard in ``shards_dir`` with an already-built open_clip model.
 
     Resumable: shards whose ``OUT/SSSSSSSS.parquet`` and ``.npz`` exist are skipped (unless
     ``overwrite``). ``preprocess`` is open_clip's eval transform, ``tokenizer`` its tokenizer.
+    ``metadata_dir``: the metadata the shards were downloaded from; its columns beyond the
+    pool's nine are carried into the output after them (:class:`SourceColumns`).
     """
     t0 = time.perf_counter()
     if embedding not in EMBEDDINGS:
@@ -251,6 +334,7 @@ def score_shards(shards_dir: str | os.PathLike, out_metadata_dir: str | os.PathL
     if was:
         print(f"warning: shard numbers in {shards_dir} are not contiguous from 0 (first gap before "
               f"{was[0]:08d}); file rank != shard number, so join on uid (download_status), not (file, row)")
+    source = SourceColumns(metadata_dir) if metadata_dir is not None else None
     model.eval()
     todo, skipped, files = [], 0, []
     for s in shards:
@@ -262,10 +346,12 @@ def score_shards(shards_dir: str | os.PathLike, out_metadata_dir: str | os.PathL
             todo.append(s)
     rows = images = 0
     for s in tqdm(todo, desc="byod score", unit="shard", disable=not progress):
-        r, i = score_shard(s, shards_dir, out_dir, model, preprocess, tokenizer, embedding, batch_size, device)
+        r, i = score_shard(s, shards_dir, out_dir, model, preprocess, tokenizer, embedding, batch_size, device,
+                           source)
         rows += r
         images += i
-    return ScoreResult(out_dir, len(todo), skipped, rows, images, time.perf_counter() - t0, files)
+    return ScoreResult(out_dir, len(todo), skipped, rows, images, time.perf_counter() - t0, files,
+                       list(source.names) if source is not None else [])
 
 
 def _sha256_file(path: Path) -> str:
@@ -279,14 +365,21 @@ def _sha256_file(path: Path) -> str:
 def score_data_dir(data_dir: str | os.PathLike, arch: str | None, checkpoint: str | os.PathLike,
                    model_config: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
                    embedding: str | None = None, batch_size: int = 256, device: str = "cpu",
-                   progress: bool = True, overwrite: bool = False) -> ScoreResult:
+                   progress: bool = True, overwrite: bool = False,
+                   metadata_dir: str | os.PathLike | None = None) -> ScoreResult:
     """``curate byod score``: load the model from files, score ``DATA_DIR/shards`` into ``out``.
 
     ``out`` defaults to ``DATA_DIR/metadata_scored``. The model and checkpoint used are recorded
-    in ``out/.byod_model.json``; resuming with a different model is refused.
+    in ``out/.byod_model.json``; resuming with a different model is refused. ``metadata_dir``
+    (default: the one `curate download` recorded, else ``DATA_DIR/metadata`` if present) is the
+    metadata the shards came from; its columns beyond the pool's nine are kept.
     """
     data_dir = Path(data_dir)
     out_dir = Path(out) if out else data_dir / "metadata_scored"
+    if metadata_dir is None:
+        metadata_dir = source_metadata_dir(data_dir)
+    elif not Path(metadata_dir).is_dir():
+        raise ByodError(f"{metadata_dir}: metadata directory not found")
     model, preprocess, tokenizer, name = load_model(arch, checkpoint, model_config, device)
     embedding = embedding or default_embedding(name)
     record = {"model": name, "checkpoint": str(Path(checkpoint).resolve()),
@@ -304,4 +397,20 @@ def score_data_dir(data_dir: str | os.PathLike, arch: str | None, checkpoint: st
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(rec_path, record)
     return score_shards(data_dir / "shards", out_dir, model, preprocess, tokenizer, embedding=embedding,
-                        batch_size=batch_size, device=device, progress=progress, overwrite=overwrite)
+                        batch_size=batch_size, device=device, progress=progress, overwrite=overwrite,
+                        metadata_dir=metadata_dir)
+
+
+def source_metadata_dir(data_dir: Path) -> Path | None:
+    """The metadata ``DATA_DIR/shards`` were downloaded from: as recorded by `curate download`,
+    else ``DATA_DIR/metadata``; None if neither exists."""
+    from curate.download import MANIFEST
+
+    try:
+        recorded = json.loads((data_dir / MANIFEST).read_text()).get("metadata_dir")
+    except (OSError, ValueError):
+        recorded = None
+    for d in ([Path(recorded)] if recorded else []) + [data_dir / "metadata"]:
+        if d.is_dir() and any(d.glob("*.parquet")):
+            return d
+    return None

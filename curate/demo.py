@@ -309,9 +309,11 @@ def write_pool(pool: list[PoolSample], pool_dir: Path, scores: dict[str, float] 
     shards.mkdir(parents=True, exist_ok=True)
     per = -(-len(pool) // files)
     shard = 0
-    for f in range(files):
+    stems = [hashlib.md5(f"curate-demo-{f}".encode()).hexdigest() for f in range(files)]
+    # shards numbered on in sorted file-name order, as img2dataset reads a metadata directory
+    for f in sorted(range(files), key=stems.__getitem__):
         part = pool[f * per:(f + 1) * per]
-        stem = hashlib.md5(f"curate-demo-{f}".encode()).hexdigest()
+        stem = stems[f]
         # unscored = NULL, never NaN (DuckDB orders NaN above every threshold)
         score = [None if scores is None else scores[s.uid] for s in part]
         table = pa.table({

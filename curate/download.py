@@ -304,7 +304,8 @@ def _check_manifest(data_dir: Path, md: Metadata, shards_dir: Path, verified: bo
                 f"{name}: metadata changed since the shards in {shards_dir} were downloaded "
                 f"({old.get(name, 'absent')} rows then, {new.get(name, 'absent')} now); shard numbers "
                 f"would shift, so use a new --data-dir")
-    write_json(path, {"files": files, "samples_per_shard": SAMPLES_PER_SHARD, "verify_hash": verified})
+    write_json(path, {"files": files, "samples_per_shard": SAMPLES_PER_SHARD, "verify_hash": verified,
+                      "metadata_dir": str(md.files[0].path.parent)})  # `curate byod score` reads it
 
 
 def probe_hosts(md: Metadata, sample: int = 64, max_hosts: int = 8, timeout: float = 5.0) -> None:

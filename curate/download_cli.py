@@ -107,6 +107,9 @@ def register(main: click.Group) -> None:
                   help="open_clip model config JSON for a custom architecture (model name = file stem).")
     @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
                   help="Output metadata dir (default DATA_DIR/metadata_scored).")
+    @click.option("--metadata-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                  help="Metadata the shards came from; its columns beyond the pool's nine are kept "
+                       "(default: the one `curate download` used, else DATA_DIR/metadata).")
     @click.option("--as", "embedding", type=click.Choice(["b32", "l14"]), default=None,
                   help="Pool columns to fill (default: b32 for ViT-B-32 models, else l14).")
     @click.option("--batch-size", default=256, show_default=True)
@@ -114,12 +117,12 @@ def register(main: click.Group) -> None:
     @click.option("--overwrite", is_flag=True, help="Rescore shards already scored.")
     @click.option("--catalog", type=click.Path(dir_okay=False, path_type=Path), default=None,
                   help="Then create this catalog over the scored metadata and shards (with download_status).")
-    def byod_score_cmd(data_dir, arch, checkpoint, model_config, out, embedding, batch_size, device, overwrite,
-                       catalog):
+    def byod_score_cmd(data_dir, arch, checkpoint, model_config, out, metadata_dir, embedding, batch_size, device,
+                       overwrite, catalog):
         """Compute CLIP image/text embeddings and similarity scores for downloaded shards.
 
-        Writes OUT/SSSSSSSS.parquet (the pool's nine columns) and OUT/SSSSSSSS.npz (row-aligned
-        float16 embeddings) per shard, so `curate catalog init --metadata OUT` and the usual
+        Writes OUT/SSSSSSSS.parquet (the pool's nine columns, then any other columns of the
+        source metadata) and OUT/SSSSSSSS.npz (row-aligned float16 embeddings) per shard, so `curate catalog init --metadata OUT` and the usual
         filters work on your data. Re-running skips shards already scored.
 
         \b
@@ -130,9 +133,11 @@ def register(main: click.Group) -> None:
         from curate.byod import score_data_dir
 
         res = score_data_dir(data_dir, arch, checkpoint, model_config=model_config, out=out, embedding=embedding,
-                             batch_size=batch_size, device=device, progress=sys.stderr.isatty(), overwrite=overwrite)
+                             batch_size=batch_size, device=device, progress=sys.stderr.isatty(), overwrite=overwrite,
+                             metadata_dir=metadata_dir)
         click.echo(f"scored {res.shards} shards ({res.skipped} already done): {res.rows:,} rows, "
-                   f"{res.images:,} images -> {res.out_dir} in {res.elapsed:.1f}s")
+                   f"{res.images:,} images -> {res.out_dir} in {res.elapsed:.1f}s"
+                   + (f"; kept source columns {', '.join(res.carried)}" if res.carried else ""))
         if catalog is not None:
             from curate.catalog import init_catalog
             from curate.download import STATUS_DIR, register_status_view

@@ -5,7 +5,8 @@ The layout is what DataComp's ``download_upstream.py`` leaves behind:
 ``b32_img``/``b32_txt``/``l14_img``/``l14_txt``, row i = parquet row i) and ``shards/`` in
 img2dataset's layout (``{shard:08d}.tar`` with ``KEY.jpg/.txt/.json``, ``{shard:08d}.parquet``
 with one row per attempted download, ``{shard:08d}_stats.json``), where parquet file f's row r
-lands in shard ``first_shard(f) + r // 10000`` under key ``shard * 10**4 + r % 10000``.
+lands in shard ``first_shard(f) + r // 10000`` under key ``shard * 10**4 + r % 10000``, files
+taken in sorted name order as img2dataset reads them.
 
 Everything is a function of the seed: the same arguments give the same files, byte for byte
 (fixed zip/tar timestamps), so the bundled pool can be regenerated and checked.
@@ -288,16 +289,18 @@ def generate_pool(out: str | Path, files: int = 2, rows_per_file: int = 1000, se
     rng = np.random.default_rng(seed)
     dims = {"b32": 512, "l14": 768}
     centers = {k: rng.normal(0, 1, (len(CONCEPTS), d)) / np.sqrt(d) for k, d in dims.items()}
-    first_shard = 0
+    stems = [hashlib.md5(f"curate-sample-{seed}-{f}".encode()).hexdigest() for f in range(files)]
+    # img2dataset reads metadata files in sorted name order and numbers shards on in that order
+    per_file = -(-rows_per_file // SAMPLES_PER_SHARD)
+    first_shard = {stem: i * per_file for i, stem in enumerate(sorted(stems))}
     it = range(files) if progress is None else progress(range(files))
     for f in it:
         frng = np.random.default_rng([seed, f])
-        stem = hashlib.md5(f"curate-sample-{seed}-{f}".encode()).hexdigest()
+        stem = stems[f]
         table, concept, quality = generate_metadata_table(frng, rows_per_file, f * rows_per_file, fast=fast)
         if shards:
-            sha = write_shards(out / "shards", table, concept, first_shard, frng, image_size)
+            sha = write_shards(out / "shards", table, concept, first_shard[stem], frng, image_size)
             table = table.set_column(table.schema.get_field_index("sha256"), "sha256", sha)
-            first_shard += -(-rows_per_file // SAMPLES_PER_SHARD)
         pq.write_table(table, meta_dir / f"{stem}.parquet", row_group_size=min(rows_per_file, 122_880) or 1)
         if npz:
             write_npz(meta_dir / f"{stem}.npz", _embeddings(frng, concept, quality, dims, centers))

@@ -181,3 +181,75 @@ def test_byod_score_cli_and_bad_input(tmp_path, tiny):
     with pytest.raises(ByodError, match="no finished shard"):
         model, pre, tok, _ = load_model(None, ckpt, cfg)
         score_shards(empty / "shards", tmp_path / "o", model, pre, tok, progress=False)
+
+
+def source_metadata(tmp_path: Path) -> Path:
+    """The bundled pool's metadata (the shards' source) plus two columns of the user's own: a
+    timestamp and a string. Row r of file f gets f"{f}-{r}" and 2000-01-01 + r days, so any
+    misalignment between shard samples and metadata rows shows."""
+    import datetime as dt
+
+    src = SAMPLE_SHARDS.parent / "metadata"
+    out = tmp_path / "data" / "metadata"
+    out.mkdir(parents=True)
+    for f, p in enumerate(sorted(src.glob("*.parquet"))):
+        t = pq.read_table(p)
+        n = t.num_rows
+        t = t.append_column("posted", pa.array([dt.datetime(2000, 1, 1) + dt.timedelta(days=r) for r in range(n)],
+                                               pa.timestamp("us")))
+        t = t.append_column("source_id", pa.array([f"{f}-{r}" for r in range(n)]))
+        pq.write_table(t, out / p.name, row_group_size=300)  # several row groups: slices cross them
+    return out
+
+
+def test_byod_keeps_source_columns(tmp_path, tiny):
+    cfg, ckpt = tiny
+    shards = small_shards(tmp_path, n=40)
+    meta_dir = source_metadata(tmp_path)
+    model, pre, tok, _ = load_model(None, ckpt, cfg)
+    res = score_shards(shards, tmp_path / "scored", model, pre, tok, embedding="l14", progress=False,
+                       metadata_dir=meta_dir)
+    assert res.carried == ["posted", "source_id"]
+    for shard in (0, 1):
+        t = pq.read_table(tmp_path / "scored" / f"{shard:08d}.parquet")
+        assert t.column_names[9:] == ["posted", "source_id"] and t.schema.field("posted").type == pa.timestamp("us")
+        keys = pq.read_table(shards / f"{shard:08d}.parquet").sort_by("key").column("key").to_pylist()
+        rows = [int(k) - shard * 10_000 for k in keys]
+        # expected straight from the source file: shard s is file s here (1,000 rows per file)
+        src = pq.read_table(sorted(meta_dir.glob("*.parquet"))[shard])
+        assert t.column("uid").to_pylist() == [src.column("uid")[r].as_py() for r in rows]
+        assert t.column("source_id").to_pylist() == [f"{shard}-{r}" for r in rows]
+        assert t.column("posted").to_pylist() == [src.column("posted")[r].as_py() for r in rows]
+
+    # the scored metadata is a pool with the extra columns: SQL on them works
+    cat = init_catalog(tmp_path / "byod.duckdb", metadata=tmp_path / "scored", shards=shards)
+    con = connect(cat)
+    assert con.execute("SELECT count(*), min(posted), count(DISTINCT source_id) FROM pool").fetchone() == (
+        80, __import__("datetime").datetime(2000, 1, 1), 80)
+    con.close()
+
+    # the CLI finds DATA_DIR/metadata by itself and says what it kept
+    r = CliRunner().invoke(main, ["byod", "score", "--data-dir", str(shards.parent), "--model-config", str(cfg),
+                                  "--checkpoint", str(ckpt), "--out", str(tmp_path / "cli_out")])
+    assert r.exit_code == 0, r.output
+    assert "kept source columns posted, source_id" in r.output
+    assert pq.read_schema(tmp_path / "cli_out" / "00000001.parquet").names[9:] == ["posted", "source_id"]
+
+
+def test_byod_refuses_metadata_the_shards_did_not_come_from(tmp_path, tiny):
+    cfg, ckpt = tiny
+    shards = small_shards(tmp_path, n=8)
+    meta_dir = source_metadata(tmp_path)
+    first = sorted(meta_dir.glob("*.parquet"))[0]
+    t = pq.read_table(first)
+    uids = t.column("uid").to_pylist()
+    uids[3] = "0" * 32  # row 3 of file 0 = sample 000000000003 of shard 0
+    pq.write_table(t.set_column(0, "uid", pa.array(uids)), first)
+    r = CliRunner().invoke(main, ["byod", "score", "--data-dir", str(shards.parent), "--model-config", str(cfg),
+                                  "--checkpoint", str(ckpt)])
+    assert r.exit_code == 1
+    assert "00000000.parquet: sample 000000000003 has uid" in r.output and f"row 3 of {first}" in r.output
+    assert not (shards.parent / "metadata_scored" / "00000000.parquet").exists()
+    r = CliRunner().invoke(main, ["byod", "score", "--data-dir", str(shards.parent), "--model-config", str(cfg),
+                                  "--checkpoint", str(ckpt), "--metadata-dir", str(tmp_path / "nowhere")])
+    assert r.exit_code == 1 and "nowhere: metadata directory not found" in r.output

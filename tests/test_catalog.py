@@ -155,3 +155,21 @@ def test_example_catalog_is_up_to_date(tmp_path):
                     assert all(np.array_equal(x[k], y[k]) for k in x.files), name
             else:
                 assert a.read_bytes() == b.read_bytes(), name
+
+
+def test_sample_pool_shards_follow_img2datasets_file_order():
+    """img2dataset reads metadata files in sorted name order and numbers shards on: row r of the
+    i-th file (sorted) is sample key S*10**4 + r % 10**4 of shard S = first_shard(i) + r // 10**4.
+    The catalog (pool_files.first_shard), `download status` and `byod score` rely on it. Checked
+    here from the files alone, not with curate's own mapping."""
+    pool = REPO / SAMPLE_POOL_DIR
+    shard = 0
+    for path in sorted((pool / "metadata").glob("*.parquet")):
+        uids = pq.read_table(path, columns=["uid"]).column("uid").to_pylist()
+        for s0 in range(0, len(uids), 10_000):
+            t = pq.read_table(pool / "shards" / f"{shard:08d}.parquet").sort_by("key")
+            keys = [int(k) for k in t.column("key").to_pylist()]
+            assert keys == [shard * 10_000 + r for r in range(len(keys))], path.name
+            assert t.column("uid").to_pylist() == uids[s0:s0 + 10_000], f"shard {shard:08d} vs {path.name}"
+            shard += 1
+    assert not (pool / "shards" / f"{shard:08d}.parquet").exists()

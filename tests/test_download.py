@@ -283,6 +283,10 @@ def test_resume_after_kill_then_byod_score(tmp_path, server):
     meta = tmp_path / "meta"
     write_meta(meta / "a.parquet", a, ["uid", "url", "text"])
     write_meta(meta / "b.parquet", b, ["uid", "url", "text"])
+    for name, rows in (("a.parquet", a), ("b.parquet", b)):  # a column of the user's own
+        t = pq.read_table(meta / name)
+        pq.write_table(t.append_column("posted_year", pa.array([1990 + int(r["uid"][-4:], 16) % 30 for r in rows],
+                                                               pa.int16())), meta / name)
     data = tmp_path / "data"
     args = ["download", "--metadata-dir", str(meta), "--data-dir", str(data), "--processes", "1",
             "--threads", "4", "--image-size", "32", "--retries", "0", "--timeout", "30", "--skip-bbox-blurring"]
@@ -320,8 +324,12 @@ def test_resume_after_kill_then_byod_score(tmp_path, server):
     r = CliRunner().invoke(main, ["byod", "score", "--data-dir", str(data), "--model-config", str(cfg),
                                   "--checkpoint", str(tmp_path / "tiny.pt"), "--catalog", str(tmp_path / "mine.duckdb")])
     assert r.exit_code == 0, r.output
+    # the metadata dir (not under DATA_DIR) came from download_manifest.json
     assert "scored 2 shards (0 already done): 7 rows, 7 images" in r.output
+    assert "kept source columns posted_year" in r.output
     con = connect(tmp_path / "mine.duckdb")
+    years = dict(con.execute("SELECT uid, posted_year FROM pool").fetchall())
+    assert years == {r["uid"]: 1990 + int(r["uid"][-4:], 16) % 30 for r in a + b}
     rows = con.execute("SELECT p.uid, d.shard, d.key, p.text FROM pool p JOIN download_status d USING (uid) "
                        "WHERE p.clip_l14_similarity_score IS NOT NULL ORDER BY d.key").fetchall()
     assert [(u, s, k) for u, s, k, _ in rows] == (

@@ -390,3 +390,31 @@ def test_uid_set_exact_membership():
     s.add([b])
     assert a in s and b in s and c not in s
     assert all(f"{i:016x}{i:016x}" in s for i in range(20)) and f"{21:016x}{21:016x}" not in s
+
+
+def test_byod_score_keeps_the_tables_columns(photo_dir, tmp_path):
+    """`curate byod score` on a built pool: the scored metadata keeps the table's columns and
+    time_utc after the nine, row for row, so time splits and CLIP filters meet in one pool."""
+    torch = pytest.importorskip("torch")
+    open_clip = pytest.importorskip("open_clip")
+    from curate.byod import SourceColumns, score_data_dir
+    from tests.test_byod import TINY
+
+    out = tmp_path / "pool"
+    build(photo_dir, out)
+    cfg = tmp_path / "tiny-clip.json"
+    cfg.write_text(json.dumps(TINY))
+    open_clip.add_model_config(cfg)
+    torch.manual_seed(0)
+    torch.save(open_clip.create_model("tiny-clip").state_dict(), tmp_path / "tiny.pt")
+    res = score_data_dir(out, None, tmp_path / "tiny.pt", model_config=cfg, progress=False)
+    src = pq.read_table(out / "metadata" / "00000000.parquet")
+    scored = pq.read_table(out / "metadata_scored" / "00000000.parquet")
+    assert res.carried == src.column_names[9:] and {"photo_id", "source_uid", "taken", "time_utc"} <= set(res.carried)
+    assert scored.schema.names == src.schema.names
+    for c in res.carried:
+        assert scored.schema.field(c).type == src.schema.field(c).type
+        assert scored.column(c).to_pylist() == src.column(c).to_pylist(), c
+    assert scored.column("clip_l14_similarity_score").null_count == 0
+    # a shard without samples (a last shard of failures only has no metadata rows): nothing to find
+    assert [len(a) for a in SourceColumns(out / "metadata").for_shard(7, [], [], "x")] == [0] * len(res.carried)
