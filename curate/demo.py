@@ -455,7 +455,10 @@ def demo_table(results: dict, seeds) -> str:
                 margin = st["mean"] - b["mean"]
                 spread = max(st["max"] - st["min"], b["max"] - b["min"])
                 st["margin"], st["spread"] = margin, spread
-                verdict.append(f"{lbl}: {margin:+.3f} vs {spread:.3f} {'yes' if margin > spread else 'NO'}")
+                if len(seeds) < 2:  # no spread to compare with: a margin alone proves nothing
+                    verdict.append(f"{lbl}: {margin:+.3f} (one seed: no spread, no verdict)")
+                else:
+                    verdict.append(f"{lbl}: {margin:+.3f} vs {spread:.3f} {'yes' if margin > spread else 'NO'}")
         lines.append(f"| {arm} | {results[arm]['kept']['count']:,} | {' | '.join(cells)} | {'; '.join(verdict) or '-'} |")
     return "\n".join(lines)
 

@@ -113,6 +113,11 @@ def test_demo_table_margin_versus_seed_spread():
     assert "retrieval mean R@1: +0.140 vs 0.100 yes" in table
     assert results["clip_score"]["emoji/retrieval:mean_recall@1"]["std"] > 0
 
+    one = {arm: {"kept": r["kept"], "seeds": {0: r["seeds"][0]} if r["seeds"] else {}} for arm, r in results.items()}
+    table = demo_table(one, (0,))
+    assert "retrieval mean R@1: +0.100 (one seed: no spread, no verdict)" in table  # 0.20 - 0.10
+    assert " yes" not in table and " NO" not in table
+
 
 def test_pool_is_one_epoch_of_samples_seen_by_default(tmp_path):
     from curate.demo import DemoConfig, pool_renders
