@@ -613,7 +613,9 @@ def run_task(m: LoadedModel, data: TaskData, key: str, batch_size: int = 64, pro
 # {data_dir}/wds_misc-winogavil_test/test/*.tar, one sample per instance: KEY.json
 # {"cue", "candidates", "associations"} and one image per candidate, KEY.0.png, KEY.1.png, ...
 # in candidate order; dataset_type.txt says "winogavil". `export_winogavil` writes that layout
-# from the HF rows (`curate eval-export-winogavil`).
+# from the HF rows (`curate eval-export-winogavil`), read from a local copy of the dataset as
+# data (`winogavil_rows_from_hf`): the hub repository is a loading-script dataset, and running
+# its script would run the repository's code.
 
 WINOGAVIL_IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 
@@ -688,6 +690,97 @@ def run_winogavil(m: LoadedModel, data: TaskData, batch_size: int = 64, progress
     instances = [(img[a:b] @ txt[i], truths[i]) for i, (a, b) in enumerate(spans)]
     return {"metrics": winogavil_metrics(instances), "n": len(spans), "seconds": secs,
             "images_per_second": n_images / secs if secs > 0 else None}
+
+
+WINOGAVIL_FIELDS = ("cue", "candidates", "associations", "candidate_images")
+
+
+def hf_table_batches(source: str | os.PathLike, split: str = "test"):
+    """Record batches of a local copy of a HF dataset, read as data only (no dataset script or
+    pickle is run): a ``save_to_disk`` directory (``state.json`` + Arrow stream files), a
+    ``DatasetDict`` directory (``dataset_dict.json``; the ``split`` subdirectory), a parquet
+    file, or a directory of parquet files (the hub's parquet export; files under a ``split``
+    directory or with ``split`` in their name if there are any, else all of them)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = Path(source)
+    if not src.exists():
+        raise EvalError(f"{src}: not found")
+    if src.is_dir() and (src / "dataset_dict.json").is_file():
+        if not (src / split / "state.json").is_file():
+            raise EvalError(f"{src}: no '{split}' split in this DatasetDict")
+        src = src / split
+    if src.is_dir() and (src / "state.json").is_file():
+        try:
+            files = [f["filename"] for f in json.loads((src / "state.json").read_text())["_data_files"]]
+        except (ValueError, KeyError, TypeError):
+            raise EvalError(f"{src / 'state.json'}: not a datasets save_to_disk state file") from None
+        for name in files:
+            path = src / Path(name).name  # a bare file name: never a path out of the directory
+            try:
+                with pa.memory_map(str(path)) as mm:
+                    reader = pa.ipc.open_stream(mm)
+                    yield from reader
+            except (OSError, pa.ArrowInvalid) as e:
+                raise EvalError(f"{path}: not an Arrow stream file ({e})") from None
+        return
+    if src.is_dir():
+        files = sorted(src.rglob("*.parquet"))
+        picked = [f for f in files if split in f.relative_to(src).parts or split in f.stem.split("-")]
+        files = picked or files
+        if not files:
+            raise EvalError(f"{src}: no save_to_disk dataset (state.json) and no .parquet files")
+    else:
+        files = [src]
+    for f in files:
+        try:
+            pf = pq.ParquetFile(f)
+            yield from pf.iter_batches(batch_size=64)
+        except (OSError, pa.ArrowInvalid) as e:
+            raise EvalError(f"{f}: not a readable parquet file ({e})") from None
+
+
+def _name_list(v, where: str) -> list[str]:
+    """A list of names as HF stores them: a list, or its JSON / Python-literal text."""
+    import ast
+
+    if isinstance(v, str):
+        try:
+            v = json.loads(v)
+        except ValueError:
+            try:
+                v = ast.literal_eval(v)  # literals only: never evaluates code
+            except (ValueError, SyntaxError):
+                raise EvalError(f"{where}: not a list of names: {v[:80]!r}") from None
+    if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
+        raise EvalError(f"{where}: expected a list of names, got {type(v).__name__}")
+    return list(v)
+
+
+def winogavil_rows_from_hf(source: str | os.PathLike, split: str = "test"):
+    """WinoGAViL rows (for :func:`export_winogavil`) from a local HF copy (:func:`hf_table_batches`).
+    ``candidate_images`` must hold the image bytes (HF's Image feature stores ``{bytes, path}``)."""
+    n = 0
+    for batch in hf_table_batches(source, split):
+        missing = [c for c in WINOGAVIL_FIELDS if c not in batch.schema.names]
+        if missing:
+            raise EvalError(f"{source}: WinoGAViL needs columns {', '.join(WINOGAVIL_FIELDS)}; "
+                            f"missing {', '.join(missing)} (found {', '.join(batch.schema.names)})")
+        cols = {c: batch.column(c).to_pylist() for c in WINOGAVIL_FIELDS}
+        for i in range(batch.num_rows):
+            where = f"{source}: row {n}"
+            images = []
+            for j, im in enumerate(cols["candidate_images"][i] or []):
+                data = im.get("bytes") if isinstance(im, dict) else im
+                if not isinstance(data, (bytes, bytearray)) or not data:
+                    raise EvalError(f"{where}: candidate image {j} has no embedded bytes "
+                                    f"(only a path: {im.get('path') if isinstance(im, dict) else None!r})")
+                images.append(bytes(data))
+            yield {"cue": cols["cue"][i], "candidates": _name_list(cols["candidates"][i], f"{where}, candidates"),
+                   "associations": _name_list(cols["associations"][i], f"{where}, associations"),
+                   "candidate_images": images}
+            n += 1
 
 
 def export_winogavil(rows, out_dir: str | os.PathLike, shard_size: int = 500) -> int:

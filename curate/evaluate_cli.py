@@ -84,26 +84,34 @@ def tic_matrix_cmd(runs, kind, out):
 @click.command("eval-export-winogavil")
 @click.option("--data-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="The --data-dir of `curate eval`; writes wds_misc-winogavil_test/ under it.")
+@click.option("--source", required=True, type=click.Path(exists=True, path_type=Path),
+              help="A local copy of HF nlphuji/winogavil: a save_to_disk directory, or parquet file(s).")
+@click.option("--split", default="test", show_default=True, help="Split to read from a DatasetDict or parquet export.")
 @click.option("--shard-size", default=500, show_default=True, help="Instances per tar.")
-def export_winogavil_cmd(data_dir, shard_size):
-    """Fetch WinoGAViL (HF nlphuji/winogavil, test split, as DataComp reads it) into the local
-    webdataset layout `curate eval` reads. Needs the `datasets` package and the HF hub (or its
-    cache); the dataset is gated, so log in with `huggingface-cli login` first.
+def export_winogavil_cmd(data_dir, source, split, shard_size):
+    """Write WinoGAViL (HF nlphuji/winogavil, the test split DataComp reads) into the local
+    webdataset layout `curate eval` reads, from a local copy of the dataset.
+
+    The hub repository is a loading-script dataset: `datasets` runs the repository's Python
+    to build it, and `datasets` >= 4 no longer runs such scripts at all. curate never runs it.
+    Make the local copy once, where you accept running that script (the dataset is gated: log
+    in first), with `datasets` < 4:
+
+    \b
+      python -c "import datasets; datasets.load_dataset('nlphuji/winogavil', split='test',
+                 trust_remote_code=True).save_to_disk('winogavil_test')"
+
+    The copy is then read as Arrow/parquet data only: no code in it runs.
 
     \b
     Example:
-      curate eval-export-winogavil --data-dir /data/datacomp_eval
+      curate eval-export-winogavil --data-dir /data/datacomp_eval --source winogavil_test
       curate eval --train-output-dir runs/small_scale --data-dir /data/datacomp_eval --task misc/winogavil
     """
-    from curate.evaluate import EvalError, export_winogavil
+    from curate.evaluate import export_winogavil, winogavil_rows_from_hf
 
-    try:
-        import datasets
-    except ImportError:
-        raise EvalError("eval-export-winogavil needs the `datasets` package: pip install datasets") from None
-    rows = datasets.load_dataset("nlphuji/winogavil", split="test")
     out = Path(data_dir) / "wds_misc-winogavil_test"
-    n = export_winogavil(rows, out, shard_size=shard_size)
+    n = export_winogavil(winogavil_rows_from_hf(source, split), out, shard_size=shard_size)
     click.echo(f"wrote {n:,} WinoGAViL instances to {out}")
 
 

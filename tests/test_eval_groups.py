@@ -365,3 +365,88 @@ def test_winogavil_bad_instance_names_the_sample(run_dir, tmp_path):
         export_winogavil([{"cue": "x", "candidates": ["a", "b"], "associations": ["a"],
                            "candidate_images": [b"\x89PNG\r\n\x1a\n"]}], tmp_path / "bad")
     assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))
+
+
+def _hf_copies(rows, root: Path) -> dict[str, Path]:
+    """The same rows as every local form of a HF dataset `eval-export-winogavil --source` reads,
+    written by the real `datasets` library: save_to_disk, a DatasetDict, the parquet export, and
+    a parquet whose name lists are text (JSON / Python literal), as the dataset card shows them."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    feats = datasets.Features({"cue": datasets.Value("string"),
+                               "candidates": datasets.Sequence(datasets.Value("string")),
+                               "associations": datasets.Sequence(datasets.Value("string")),
+                               "candidate_images": datasets.Sequence(datasets.Image())})
+    ds = datasets.Dataset.from_list(rows, features=feats)
+    out = {"save_to_disk": root / "disk", "dataset_dict": root / "dict", "parquet_export": root / "export"}
+    ds.save_to_disk(str(out["save_to_disk"]))
+    datasets.DatasetDict({"train": ds.select([0]), "test": ds}).save_to_disk(str(out["dataset_dict"]))
+    (out["parquet_export"] / "default" / "test").mkdir(parents=True)
+    ds.to_parquet(str(out["parquet_export"] / "default" / "test" / "0000.parquet"))
+    t = pq.read_table(out["parquet_export"] / "default" / "test" / "0000.parquet")
+    t = t.set_column(t.schema.get_field_index("candidates"), "candidates",
+                     pa.array([json.dumps(r["candidates"]) for r in rows]))
+    t = t.set_column(t.schema.get_field_index("associations"), "associations",
+                     pa.array([repr(r["associations"]) for r in rows]))
+    out["text_lists"] = root / "text_lists.parquet"
+    pq.write_table(t, out["text_lists"])
+    return out
+
+
+def test_winogavil_export_from_local_hf_copies(run_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from curate.cli import main
+
+    rows = _wino_rows()
+    want = _independent_jaccards(run_dir, rows)
+    for form, src in _hf_copies(rows, tmp_path / "hf").items():
+        d = tmp_path / form
+        r = CliRunner().invoke(main, ["eval-export-winogavil", "--data-dir", str(d), "--source", str(src),
+                                      "--shard-size", "4"])
+        assert r.exit_code == 0, (form, r.output)
+        assert "wrote 7 WinoGAViL instances" in r.output
+        with tarfile.open(d / "wds_misc-winogavil_test" / "test" / "0.tar") as tf:
+            first = json.loads(tf.extractfile("000000.json").read())
+        assert first == {k: rows[0][k] for k in ("cue", "candidates", "associations")}, form
+        s = evaluate_run(run_dir, data_dir=d, output_dir=tmp_path / f"res_{form}", only=["misc/winogavil"])
+        m = json.loads((tmp_path / f"res_{form}" / "eval_results.jsonl").read_text().splitlines()[0])["metrics"]
+        assert [row["status"] for row in s.rows] == ["evaluated"]
+        assert m["jaccard_score_5"] == pytest.approx(np.mean([j for n, j in want if n == 5])), form
+        assert m["jaccard_score_10-12"] == pytest.approx(np.mean([j for n, j in want if n >= 10])), form
+
+
+def test_winogavil_local_copy_errors(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from click.testing import CliRunner
+
+    from curate.cli import main
+
+    def run(src):
+        r = CliRunner().invoke(main, ["eval-export-winogavil", "--data-dir", str(tmp_path / "E"), "--source", str(src)])
+        assert r.exit_code == 1, r.output
+        assert not (tmp_path / "E" / "wds_misc-winogavil_test").exists()
+        return r.output
+
+    img = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    base = {"cue": ["moon"], "candidates": [["a", "b"]], "associations": [["a"]]}
+    # an image given by path only (not embedded): named, nothing written
+    pq.write_table(pa.table({**base, "candidate_images": pa.array(
+        [[{"bytes": b"\x89PNG\r\n\x1a\n", "path": None}, {"bytes": None, "path": "/x/b.png"}]], pa.list_(img))}),
+        tmp_path / "paths.parquet")
+    assert "paths.parquet: row 0: candidate image 1 has no embedded bytes (only a path: '/x/b.png')" in run(
+        tmp_path / "paths.parquet")
+    pq.write_table(pa.table(base), tmp_path / "noimg.parquet")
+    assert "missing candidate_images" in run(tmp_path / "noimg.parquet")
+    pq.write_table(pa.table({**base, "candidates": ["a, b"], "candidate_images": pa.array([[]], pa.list_(img))}),
+                   tmp_path / "badlist.parquet")
+    assert "row 0, candidates: not a list of names: 'a, b'" in run(tmp_path / "badlist.parquet")
+    # a list literal is parsed, never evaluated: code in it is refused
+    pq.write_table(pa.table({**base, "candidates": ["__import__('os').getcwd()"],
+                             "candidate_images": pa.array([[]], pa.list_(img))}), tmp_path / "code.parquet")
+    assert "not a list of names" in run(tmp_path / "code.parquet")
+    (tmp_path / "empty").mkdir()
+    assert "no save_to_disk dataset (state.json) and no .parquet files" in run(tmp_path / "empty")
