@@ -63,7 +63,7 @@ class SourceColumns:
 
     Shard S holds rows of one metadata file, by img2dataset's rule the catalog also uses: file f
     starts at shard ``first_shard`` and shard S has its rows from ``(S - first_shard) * 10,000``, at
-    most 10,000 of them. Only that slice is read (the row groups that overlap it).
+    most 10,000 of them (:meth:`curate.download.Metadata.rows_of_shard`).
     """
 
     def __init__(self, metadata_dir: str | os.PathLike):
@@ -97,11 +97,9 @@ class SourceColumns:
         if not keys:  # an empty shard (e.g. a last one of failures only) may have no metadata rows
             return [pa.array([], x.type) for x in self.fields]
         try:
-            f = self.md.file_of_shard(shard)
+            f, base, src = self.md.rows_of_shard(shard, ["uid", *self.names])
         except DownloadError as e:
             raise ByodError(f"{where}: {e} in the source metadata") from None
-        base = (shard - f.first_shard) * SAMPLES_PER_SHARD
-        src = _read_rows(f.path, ["uid", *self.names], base, min(base + SAMPLES_PER_SHARD, f.num_rows))
         src_uids = src.column("uid").to_pylist()
         rows = []
         for key, uid in zip(keys, uids):
@@ -113,22 +111,6 @@ class SourceColumns:
             rows.append(r)
         idx = pa.array(rows, pa.int64())
         return [src.column(x.name).take(idx).combine_chunks().cast(x.type) for x in self.fields]
-
-
-def _read_rows(path: Path, columns: list[str], start: int, stop: int) -> pa.Table:
-    """Rows [start, stop) of a parquet file, reading only the row groups that overlap them."""
-    pf = pq.ParquetFile(path)
-    groups, offset, first = [], 0, None
-    for g in range(pf.metadata.num_row_groups):
-        n = pf.metadata.row_group(g).num_rows
-        if offset < stop and offset + n > start:
-            groups.append(g)
-            first = offset if first is None else first
-        offset += n
-    if not groups:
-        return pf.schema_arrow.empty_table().select(columns)
-    t = pf.read_row_groups(groups, columns=columns)
-    return t.slice(start - first, stop - start)
 
 
 def default_embedding(arch: str) -> str:

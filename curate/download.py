@@ -98,6 +98,29 @@ class Metadata:
                 return f
         raise DownloadError(f"shard {shard:08d}: no metadata file maps to it ({self.num_shards} shards expected)")
 
+    def rows_of_shard(self, shard: int, columns: list[str]) -> tuple[MetadataFile, int, pa.Table]:
+        """img2dataset's rule: shard S holds rows ``first .. first + 10,000`` of one file, with
+        ``first = (S - first_shard) * 10,000``; sample key ``S * 10**4 + r`` is row ``first + r``.
+        Returns (file, first, those rows' ``columns``), reading only the row groups that hold them."""
+        f = self.file_of_shard(shard)
+        first = (shard - f.first_shard) * SAMPLES_PER_SHARD
+        return f, first, read_rows(f.path, columns, first, min(first + SAMPLES_PER_SHARD, f.num_rows))
+
+
+def read_rows(path: Path, columns: list[str], start: int, stop: int) -> pa.Table:
+    """Rows [start, stop) of a parquet file, reading only the row groups that overlap them."""
+    pf = pq.ParquetFile(path)
+    groups, offset, first = [], 0, None
+    for g in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        if offset < stop and offset + n > start:
+            groups.append(g)
+            first = offset if first is None else first
+        offset += n
+    if not groups:
+        return pf.schema_arrow.empty_table().select(columns)
+    return pf.read_row_groups(groups, columns=columns).slice(start - first, stop - start)
+
 
 def _family(t: pa.DataType) -> str:
     if pa.types.is_string(t) or pa.types.is_large_string(t):
@@ -415,18 +438,15 @@ ORDER BY key
 
 def shard_status(con, shard: int, shards_dir: Path, md: Metadata) -> pa.Table:
     """One shard's rows with their status, checked against the metadata rows they came from."""
-    f = md.file_of_shard(shard)
-    first_row = (shard - f.first_shard) * SAMPLES_PER_SHARD
     path = shards_dir / f"{shard:08d}.parquet"
     try:
         shard_rows = pq.read_table(path, columns=["uid", "key", "status", "error_message", "sha256"])
     except Exception as e:  # noqa: BLE001
         raise DownloadError(f"{path}: cannot read img2dataset's shard parquet ({e})") from None
-    sha = ", sha256" if md.has_sha256 else ", NULL::VARCHAR AS sha256"
-    pool_rows = con.execute(
-        f"SELECT uid{sha}, file_row_number AS row FROM read_parquet(?, file_row_number = true) "
-        f"WHERE file_row_number >= ? AND file_row_number < ?",
-        [str(f.path), first_row, first_row + SAMPLES_PER_SHARD]).to_arrow_table()
+    f, first_row, pool_rows = md.rows_of_shard(shard, ["uid", "sha256"] if md.has_sha256 else ["uid"])
+    if not md.has_sha256:
+        pool_rows = pool_rows.append_column("sha256", pa.nulls(pool_rows.num_rows, pa.string()))
+    pool_rows = pool_rows.append_column("row", pa.array(range(first_row, first_row + pool_rows.num_rows), pa.int64()))
     con.register("shard_rows", shard_rows)
     con.register("pool_rows", pool_rows)
     try:
