@@ -3,7 +3,7 @@
 Prints, from one run (same shapes everywhere: N pool rows x d=768, K centroids):
   * the bound: bare float32 matrix multiplies X @ C.T on in-memory arrays, in the same batch
     shape our code uses (the FLOP rate of this machine's BLAS for these shapes);
-  * ours in memory: `curate.clusters.nearest_centroid` (matmul + argmax) on the same arrays;
+  * ours in memory: `curate.features.clusters.nearest_centroid` (matmul + argmax) on the same arrays;
   * ours end to end: `assign_pool` streaming the pool's .npz files (decompress, matmul, argmax,
     uid join, parquet write), and again from converted float32 .npy memory maps;
   * the naive way DataComp takes (apply_filter.py on CPU): np.load of the whole npz key,
@@ -37,9 +37,9 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from curate.catalog import connect, init_catalog  # noqa: E402
-from curate.clusters import SCORE_CELLS, assign_pool, import_cluster_set, nearest_centroid  # noqa: E402
-from curate.embeddings import convert_embeddings, pool_embedding_files  # noqa: E402
+from curate.catalog.connection import connect, init_catalog  # noqa: E402
+from curate.features.clusters import SCORE_CELLS, assign_pool, import_cluster_set, nearest_centroid  # noqa: E402
+from curate.features.embeddings import convert_embeddings, pool_embedding_files  # noqa: E402
 
 D = 768
 
@@ -139,7 +139,7 @@ def main():
         ef.npy.unlink()  # leave the bench pool as generated (npz only) for the next run
 
     one_file = args.rows_per_file * D * 4
-    from curate.clusters import ASSIGN_ROWS
+    from curate.features.clusters import ASSIGN_ROWS
     buffers = min(ASSIGN_ROWS, args.rows_per_file) * D * 6 + min(step, ASSIGN_ROWS) * args.k * 4 + cents.nbytes
     print(f"shapes: N={n:,} x d={D}, K={args.k:,}; {flops / 1e9:,.0f} GFLOP per pass; batch {step} rows")
     rows = [

@@ -119,7 +119,7 @@ def main():
     ap.add_argument("--byod-naive", type=int, default=500, help="samples for the one-at-a-time byod baseline")
     args = ap.parse_args()
 
-    from curate.download import DownloadSettings, check_metadata, download, update_status
+    from curate.pool.download import DownloadSettings, check_metadata, download, update_status
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_download_"))
     images = make_images()
@@ -164,7 +164,7 @@ def main():
     import torch
     from PIL import Image
 
-    from curate.byod import score_shards
+    from curate.pool.byod import score_shards
 
     cfg = tmp / "bench-tiny-clip.json"
     cfg.write_text(json.dumps({"embed_dim": 32,

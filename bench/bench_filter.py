@@ -32,8 +32,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from curate.catalog import connect, init_catalog  # noqa: E402
-from curate.samplepool import generate_pool  # noqa: E402
+from curate.catalog.connection import connect, init_catalog  # noqa: E402
+from curate.pool.sample import generate_pool  # noqa: E402
 
 FILTER = ROOT / "filters" / "clip_score_l14_30pct.sql"
 KEY = "clip_l14_similarity_score"
@@ -116,7 +116,7 @@ def main():
 
     ours_out = args.work / "ours.npy"
     cmd = [sys.executable, "-c",
-           "import sys,time,resource; from curate.runner import run_filter; t=time.perf_counter(); "
+           "import sys,time,resource; from curate.run.runner import run_filter; t=time.perf_counter(); "
            f"r=run_filter({str(FILTER)!r}, catalog={str(catalog)!r}, out={str(ours_out)!r}); "
            "print(time.perf_counter()-t, r.count, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"]
     runs = []

@@ -32,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from curate.poolbuild import build_pool  # noqa: E402
+from curate.pool.build import build_pool  # noqa: E402
 
 
 def make_images(root: Path, n: int, size: tuple[int, int]) -> Path:

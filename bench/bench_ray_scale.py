@@ -44,12 +44,12 @@ def main():
 
     import duckdb
 
-    from curate.catalog import connect, init_catalog
-    from curate.distributed.engine import connect_ray
-    from curate.distributed.runner import run_filter_ray
-    from curate.distributed.threshold import PASSES
-    from curate.runner import run_filter
-    from curate.samplepool import generate_pool
+    from curate.catalog.connection import connect, init_catalog
+    from curate.engine.ray import connect_ray
+    from curate.run.ray import run_filter_ray
+    from curate.run.ray_threshold import PASSES
+    from curate.run.runner import run_filter
+    from curate.pool.sample import generate_pool
     from curate.uids import hex_array_to_pairs, sort_pairs
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_ray_"))
@@ -102,7 +102,7 @@ def main():
         naive_thr = (-np.sort(-x))[n]
         naive_thr_s = time.perf_counter() - t
 
-        from curate.distributed.threshold import exact_threshold, partition_histogram
+        from curate.run.ray_threshold import exact_threshold, partition_histogram
 
         sent = []
 

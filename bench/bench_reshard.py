@@ -6,7 +6,7 @@ measures on one warm page cache, all with both cores (2 processes each):
 * naive: DataComp's approach, implemented here: iterate every sample of every input tar with
   webdataset, parse its json, ``divmod(int(uid, 16), 2**64)``, two ``searchsorted`` on the subset
   memmap, write each copy with ``webdataset.TarWriter`` (float mtime, so PAX headers, as DataComp);
-* ours: ``curate.reshard.reshard`` (planned from the shard index, range reads, our tar headers);
+* ours: ``curate.shards.reshard.reshard`` (planned from the shard index, range reads, our tar headers);
 * raw copy: read the selected samples' byte ranges and write them out unchanged (no parsing, no
   renaming) - the bound for any resharder of these bytes;
 * a 1% subset whose samples sit in 2 of the shards: shards and bytes read vs total.
@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from curate.reshard import reshard
-from curate.shards import build_index, index_catalog
+from curate.shards.reshard import reshard
+from curate.shards.index import build_index, index_catalog
 from curate.subset import write_subset
 from curate.uids import sort_pairs
 
@@ -72,7 +72,7 @@ def make_catalog(tmp: Path, hi, lo) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from curate.catalog import init_catalog
+    from curate.catalog.connection import init_catalog
     from curate.uids import pairs_to_hex_array
 
     meta = tmp / "metadata"
@@ -241,7 +241,7 @@ def main():
     shutil.rmtree(tmp / "rss", ignore_errors=True)
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child started by this
     # (torch-importing) process would report this process's peak
-    code = ("import resource, sys; from curate.reshard import reshard; "
+    code = ("import resource, sys; from curate.shards.reshard import reshard; "
             "reshard(sys.argv[1], sys.argv[2], sys.argv[3], workers=2, catalog=sys.argv[4], shard_size=int(sys.argv[5])); "
             "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]; "
             "print(hwm, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")

@@ -34,14 +34,14 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from curate.catalog import connect, init_catalog  # noqa: E402
-from curate.langid import Cld3LID, FastTextLID, bundled_lid_model  # noqa: E402
-from curate.runner import run_filter  # noqa: E402
-from curate import cld3features, textfeatures  # noqa: E402
-from curate.cld3features import build_text_lang_cld3  # noqa: E402
-from curate.samplepool import generate_pool  # noqa: E402
-from curate.textfeatures import BATCH_ROWS, build_text_features, entity_flags  # noqa: E402
-from curate.wordnet import EntityMatcher, ensure_wordnet, load_in21k_offsets, load_reader  # noqa: E402
+from curate.catalog.connection import connect, init_catalog  # noqa: E402
+from curate.features.langid import Cld3LID, FastTextLID, bundled_lid_model  # noqa: E402
+from curate.run.runner import run_filter  # noqa: E402
+from curate.features import cld3 as cld3features, text as textfeatures  # noqa: E402
+from curate.features.cld3 import build_text_lang_cld3  # noqa: E402
+from curate.pool.sample import generate_pool  # noqa: E402
+from curate.features.text import BATCH_ROWS, build_text_features, entity_flags  # noqa: E402
+from curate.features.wordnet import EntityMatcher, ensure_wordnet, load_in21k_offsets, load_reader  # noqa: E402
 
 FILTERS = ROOT / "filters"
 

@@ -25,8 +25,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from curate.catalog import connect, init_catalog  # noqa: E402
-from curate.samplepool import generate_pool  # noqa: E402
+from curate.catalog.connection import connect, init_catalog  # noqa: E402
+from curate.pool.sample import generate_pool  # noqa: E402
 from curate.tic.artifacts import make_tic_artifacts  # noqa: E402
 from curate.tic.attach import attach  # noqa: E402
 from curate.tic.export import export_splits  # noqa: E402

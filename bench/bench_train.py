@@ -42,7 +42,7 @@ def main():
     logging.getLogger().setLevel(logging.ERROR)
     import open_clip
 
-    from curate.train import resolve_model
+    from curate.train.trainer import resolve_model
 
     name = resolve_model("tiny-vit")
     model = open_clip.create_model(name)

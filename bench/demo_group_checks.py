@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from curate.atomic import write_json
-from curate.demo import GROUPS, TEMPLATES, emoji_name, jpeg, list_emoji, render, variant, write_wds
+from curate.demo.pipeline import GROUPS, TEMPLATES, emoji_name, jpeg, list_emoji, render, variant, write_wds
 
 HEADS = {"face": "face", "arrow": "arrow", "arrows": "arrow", "square": "square", "heart": "heart",
          "circle": "circle", "oclock": "clock", "ball": "ball", "hand": "hand", "hands": "hand",
@@ -59,7 +59,7 @@ def wider_scale(work: Path, width: int, layers: int) -> tuple[str, str]:
     """The tiny scale with a wider/deeper model: a model config and a one-scale YAML in ``work``."""
     import yaml
 
-    from curate.train import MODELS_DIR, scale_config
+    from curate.train.trainer import MODELS_DIR, scale_config
 
     cfg = json.loads((MODELS_DIR / "tiny-vit" / "open_clip_config.json").read_text())
     cfg["model_cfg"]["embed_dim"] = width
@@ -90,8 +90,8 @@ def main() -> None:
 
     import torch
 
-    from curate.evaluate import _normalize, encode_texts, load_model, zero_shot_weights
-    from curate.train import TrainSpec, read_record, train
+    from curate.evaluate.run import _normalize, encode_texts, load_model, zero_shot_weights
+    from curate.train.trainer import TrainSpec, read_record, train
 
     torch.set_num_threads(1)
     work = Path(a.work or tempfile.mkdtemp(prefix="group_checks_"))

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curate.catalog import init_catalog
+from curate.catalog.connection import init_catalog
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -61,7 +61,7 @@ def run_dir(tmp_path):
     import open_clip
     import torch
 
-    from curate.train import resolve_model
+    from curate.train.trainer import resolve_model
 
     model = resolve_model("tiny-vit")
     torch.manual_seed(0)
@@ -89,7 +89,7 @@ def read_uids(path) -> list[str]:
 
 def open_clip_from_run(run_dir: Path):
     """(model, preprocess, tokenizer) of a training run's checkpoint, loaded with open_clip
-    directly: the independent side of the evaluation tests (not through curate.evaluate)."""
+    directly: the independent side of the evaluation tests (not through curate.evaluate.run)."""
     import json
 
     import open_clip

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from curate.atomic import atomic_path
-from curate.catalog import connect
+from curate.catalog.connection import connect
 from curate.tic import TicError
 from curate.tic.export import keep_condition, ensure_filter_features
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from curate.atomic import atomic_path, write_json
-from curate.catalog import connect
+from curate.catalog.connection import connect
 from curate.subset import write_subset
 from curate.tic import DATACOMPNET_MAP, MONTHLY_DIR, RETRIEVAL_MAP, YEARLY_DIR, imagenet_wnids
 from curate.uids import hex_array_to_pairs, sort_pairs

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from curate.atomic import atomic_path
-from curate.catalog import connect, features_dir, register_parquet_view
+from curate.catalog.connection import connect, features_dir, register_parquet_view
 from curate.safepickle import safe_load
 from curate.tic import (DATACOMPNET_MAP, MONTHLY_DIR, RETRIEVAL_MAP, YEARLY_DIR, TicError, check_month,
                         check_year, imagenet_wnids, wnid_to_class_id)

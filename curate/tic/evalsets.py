@@ -2,7 +2,7 @@
 
 Input: the eval subsets ``curate tic export`` wrote (``eval/retrieval/{YYYY}.npy``,
 ``eval/datacompnet/{YYYY}.npy``, ``eval/uid2classid/{YYYY}.json``). All of them go to
-:func:`curate.reshard.reshard_many` as one multi-output job (one planning pass over the pool's
+:func:`curate.shards.reshard.reshard_many` as one multi-output job (one planning pass over the pool's
 shard index; only the byte ranges of eval samples are read), DataCompNet outputs with their
 uid -> ImageNet class id map, which adds the ``cls`` member. Each resharder output (kept under
 ``.reshard/`` so a killed run resumes) is then laid out the way TiC's ``convert_wds.sh`` leaves
@@ -84,7 +84,7 @@ def reshard_eval_sets(export_dir, shards, catalog=None, workers: int | None = No
                       progress: bool = False, shard_size: int = 10000, engine: str = "local",
                       ray_address: str | None = None) -> EvalSetResult:
     """Reshard every eval subset under ``export_dir/eval`` from ``shards`` (one multi-output job)."""
-    from curate.reshard import Output, ReshardError, reshard_many
+    from curate.shards.reshard import Output, ReshardError, reshard_many
 
     export_dir = Path(export_dir)
     ev = export_dir / "eval"

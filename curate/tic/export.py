@@ -36,10 +36,10 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from curate.atomic import atomic_path, write_json
-from curate.catalog import connect
+from curate.catalog.connection import connect
 from curate.errors import CurateError
-from curate.runner import load_filter, prepare
-from curate.producers import ensure_features, needed_producers
+from curate.run.runner import load_filter, prepare
+from curate.features.registry import ensure_features, needed_producers
 from curate.subset import subset_to_arrow
 from curate.tic import TicError
 from curate.uids import SUBSET_DTYPE, pairs_to_hex_array, to_records

@@ -189,7 +189,7 @@ def _step(index, name, years, data, init, prev, warmup, samples, scale, run_dir)
         "mixture_samples": total,
         "init": init,  # "scratch" | "warm"
         "warm_start_from": prev,
-        "train": {  # keyword arguments of curate.train.TrainSpec
+        "train": {  # keyword arguments of curate.train.trainer.TrainSpec
             "scale": scale,
             "data": "::".join(d["dir"] for d in data),
             "data_weights": None,  # samples are drawn uniformly over the mixture

@@ -5,7 +5,7 @@ splits (``{export_dir}/yearly/{YYYY}.npy`` -> ``tic/train/{YYYY}``) and replay b
 ``make`` rule: ``filters/tic/replay.sql`` with parameters -> a subset file -> a dir). This runs
 the ``make`` filters (skipping subset files whose manifest records the same filter and
 parameters) and hands every distinct dir to
-:func:`curate.reshard.reshard_many` as one multi-output job, so the pool's shards are planned
+:func:`curate.shards.reshard.reshard_many` as one multi-output job, so the pool's shards are planned
 once for the whole plan and a year dir shared by several steps is written once. Directories
 are resolved against ``root`` (default: the working directory), like ``curate tic train``.
 """
@@ -17,10 +17,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from curate import resources
 from curate.tic import TicError
 from curate.tic.plan import read_plan
 
-REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 @dataclass
@@ -38,10 +38,10 @@ def _resolve(root: Path, p: str) -> Path:
 
 def _filter_file(root: Path, name: str) -> Path:
     p = _resolve(root, name)
-    if not p.is_file() and not Path(name).is_absolute() and (REPO_ROOT / name).is_file():
-        p = REPO_ROOT / name  # the filters shipped with curate
+    if not p.is_file() and not Path(name).is_absolute():
+        p = resources.bundled_filter(name) or p  # the filters shipped with curate
     if not p.is_file():
-        raise TicError(f"{name}: replay filter not found (looked under {root} and {REPO_ROOT})")
+        raise TicError(f"{name}: replay filter not found (looked under {root} and {resources.filters_dir()})")
     return p
 
 
@@ -58,8 +58,8 @@ def _made_with(subset: Path, make: dict) -> bool:
 def prepare_plan(plan_path, catalog, shards, root=None, only: list[str] | None = None,
                  workers: int | None = None, overwrite: bool = False, progress: bool = False) -> PrepareResult:
     """Make the replay subsets of ``plan_path`` and reshard all its data dirs from ``shards``."""
-    from curate.reshard import Output, reshard_many
-    from curate.runner import run_filter
+    from curate.shards.reshard import Output, reshard_many
+    from curate.run.runner import run_filter
 
     t0 = time.perf_counter()
     plan = read_plan(plan_path)

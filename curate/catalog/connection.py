@@ -1,0 +1,358 @@
+"""The catalog: a DuckDB file whose views expose a DataComp pool to SQL.
+
+``init_catalog`` checks every metadata parquet (schema, types, row count), records the files in
+a ``pool_files`` table and creates the views and macros defined by the SQL in ``sql/catalog``.
+``connect`` is the one way the rest of ``curate`` opens a catalog.
+
+Paths: DuckDB resolves relative paths in a saved view against the process's working directory,
+before ``file_search_path``; a catalog opened from elsewhere would silently read another
+``data/``. So catalogs store absolute paths by default. A catalog made with ``relative=True``
+(the bundled example, which must work from any clone) stores paths relative to its own
+directory, and ``connect`` shadows its views with temporary ones built on absolute paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curate import __version__, resources
+from curate.errors import CurateError
+
+SQL_DIR = resources.sql_dir()
+EXAMPLE_CATALOG = resources.example_catalog()
+
+#: The nine CommonPool columns and the Arrow type family each must have.
+POOL_COLUMNS = {
+    "uid": "string",
+    "url": "string",
+    "text": "string",
+    "original_width": "integer",
+    "original_height": "integer",
+    "clip_b32_similarity_score": "floating",
+    "clip_l14_similarity_score": "floating",
+    "face_bboxes": "list",
+    "sha256": "string",
+}
+IGNORED_COLUMNS = {"__index_level_0__"}  # pandas index some hub derivatives carry
+IGNORED_FILES = {".DS_Store"}
+
+
+_IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+class CatalogError(CurateError):
+    """A pool or catalog that cannot be used as it is."""
+
+
+def sql_literal(value: str) -> str:
+    """Quote a string as a SQL literal. Used only for file paths in view DDL, which DuckDB
+    cannot bind as parameters; every value from the command line is bound instead."""
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def sql_identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _type_family(t: pa.DataType) -> str:
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "string"
+    if pa.types.is_integer(t):
+        return "integer"
+    if pa.types.is_floating(t):
+        return "floating"
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return "list"
+    return str(t)
+
+
+@dataclass
+class PoolFile:
+    file_id: int
+    file: str  # stem, shared by the .parquet and its .npz
+    path: Path  # absolute
+    num_rows: int
+    npz: Path | None
+    first_shard: int  # img2dataset numbering: ceil(rows / 10000) shards per file, continued
+
+
+def scan_metadata(metadata_dir: Path) -> tuple[list[PoolFile], list[str]]:
+    """Check every file of a DataComp metadata dir; return the parquet files and extra columns."""
+    metadata_dir = Path(metadata_dir)
+    if not metadata_dir.is_dir():
+        raise CatalogError(f"{metadata_dir}: metadata directory not found")
+    names = sorted(p.name for p in metadata_dir.iterdir() if not p.name.startswith("."))
+    parquets = [n for n in names if n.endswith(".parquet")]
+    npzs = {n[: -len(".npz")] for n in names if n.endswith(".npz")}
+    stray = [n for n in names if not n.endswith((".parquet", ".npz")) and n not in IGNORED_FILES]
+    if stray:
+        raise CatalogError(
+            f"{metadata_dir / stray[0]}: not a .parquet or .npz file; the metadata directory must "
+            f"hold only the pool's parquet files and their .npz embeddings"
+        )
+    if not parquets:
+        raise CatalogError(f"{metadata_dir}: no .parquet files (empty pool)")
+    files: list[PoolFile] = []
+    extra: list[str] | None = None
+    first_schema_file = None
+    shard = 0
+    for i, name in enumerate(parquets):
+        path = (metadata_dir / name).resolve()
+        try:
+            meta = pq.read_metadata(path)
+            schema = meta.schema.to_arrow_schema()
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for bad files
+            raise CatalogError(f"{path}: not a readable parquet file ({e})") from None
+        cols = {f.name: f.type for f in schema}
+        for col, family in POOL_COLUMNS.items():
+            if col not in cols:
+                raise CatalogError(
+                    f"{path}: missing column '{col}' (a CommonPool parquet has "
+                    f"{', '.join(POOL_COLUMNS)}); found {', '.join(cols)}"
+                )
+            if _type_family(cols[col]) != family:
+                raise CatalogError(f"{path}: column '{col}' has type {cols[col]}, expected {family}")
+        these = [c for c in cols if c not in POOL_COLUMNS and c not in IGNORED_COLUMNS]
+        if extra is None:
+            extra, first_schema_file = these, path
+        elif these != extra:
+            raise CatalogError(
+                f"{path}: extra columns {these} differ from {first_schema_file.name}'s {extra}; "
+                f"all pool files must have the same schema"
+            )
+        stem = name[: -len(".parquet")]
+        npz = (metadata_dir / f"{stem}.npz").resolve() if stem in npzs else None
+        files.append(PoolFile(i, stem, path, meta.num_rows, npz, shard))
+        shard += -(-meta.num_rows // 10000)
+    if sum(f.num_rows for f in files) == 0:
+        raise CatalogError(f"{metadata_dir}: the pool's parquet files hold no rows (empty pool)")
+    return files, extra or []
+
+
+#: The catalog's own bookkeeping tables (every catalog, local or remote, has them).
+CATALOG_TABLES_DDL = (
+    "CREATE TABLE curate_meta (key VARCHAR PRIMARY KEY, value VARCHAR);"
+    "CREATE TABLE pool_files (file_id INTEGER PRIMARY KEY, file VARCHAR UNIQUE, path VARCHAR,"
+    " num_rows BIGINT, row_start BIGINT, npz VARCHAR, first_shard INTEGER);"
+    "CREATE TABLE curate_views (name VARCHAR PRIMARY KEY, select_sql VARCHAR, paths VARCHAR[],"
+    " options VARCHAR)"
+)
+
+
+def _render(sql: str, values: dict[str, str]) -> str:
+    for key, val in values.items():
+        sql = sql.replace(f"@{key}@", val)
+    return sql
+
+
+def catalog_sql_files() -> list[Path]:
+    return sorted((SQL_DIR / "catalog").glob("*.sql"))
+
+
+def _view_values(con, base: Path | None) -> dict[str, str]:
+    """Template values for the view SQL, from the catalog's own pool_files/meta tables."""
+    rows = con.execute("SELECT path FROM pool_files ORDER BY file_id").fetchall()
+    paths = [str(base / p) if base is not None else p for (p,) in rows]
+    extra = [r[0] for r in con.execute(
+        "SELECT value FROM curate_meta WHERE key LIKE 'extra_column:%' ORDER BY key").fetchall()]
+    return {
+        "pool_files": "[" + ", ".join(sql_literal(p) for p in paths) + "]",
+        "extra_columns": "".join(f"{sql_identifier(c)}, " for c in extra),
+    }
+
+
+def _create_views(con, values: dict[str, str], temp: bool) -> None:
+    for path in catalog_sql_files():
+        sql = _render(path.read_text(), values)
+        if temp:
+            if "CREATE OR REPLACE VIEW" not in sql:
+                continue  # macros are stored in the catalog already
+            sql = sql.replace("CREATE OR REPLACE VIEW", "CREATE OR REPLACE TEMP VIEW")
+        try:
+            con.execute(sql)
+        except duckdb.Error as e:
+            raise CatalogError(f"{path}: {e}") from None
+
+
+def init_catalog(
+    catalog: str | os.PathLike,
+    pool: str | os.PathLike | None = None,
+    metadata: str | os.PathLike | None = None,
+    shards: str | os.PathLike | None = None,
+    relative: bool = False,
+    overwrite: bool = False,
+    features_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Create a catalog over a DataComp pool (``pool/metadata``, ``pool/shards``).
+
+    The file is written under a temporary name and renamed when complete.
+    """
+    catalog = Path(catalog).resolve()
+    if pool is None and metadata is None:
+        raise CatalogError("give --pool DATA_DIR or --metadata DIR")
+    metadata_dir = Path(metadata) if metadata else Path(pool) / "metadata"
+    shards_dir = Path(shards) if shards else (Path(pool) / "shards" if pool else None)
+    if catalog.exists() and not overwrite:
+        raise CatalogError(f"{catalog}: already exists (use --overwrite to replace it)")
+    files, extra = scan_metadata(metadata_dir)
+    base = catalog.parent
+
+    def stored(p: Path | None) -> str | None:
+        if p is None:
+            return None
+        p = Path(p).resolve()
+        return os.path.relpath(p, base) if relative else str(p)
+
+    with building_catalog(catalog) as con:
+        meta = {
+            "curate_version": __version__,
+            "paths": "relative" if relative else "absolute",
+            "metadata_dir": stored(metadata_dir),
+            "shards_dir": stored(shards_dir) if shards_dir else None,
+            "features_dir": stored(Path(features_dir) if features_dir else catalog.parent / f"{catalog.name}.features"),
+        }
+        if not relative:
+            meta["created_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        for i, col in enumerate(extra):
+            meta[f"extra_column:{i:04d}"] = col
+        con.executemany("INSERT INTO curate_meta VALUES (?, ?)", [(k, v) for k, v in meta.items()])
+        row_start = 0
+        for f in files:
+            con.execute(
+                "INSERT INTO pool_files VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [f.file_id, f.file, stored(f.path), f.num_rows, row_start, stored(f.npz), f.first_shard],
+            )
+            row_start += f.num_rows
+        con.execute(f"SET file_search_path = {sql_literal(str(base))}")
+        _create_views(con, _view_values(con, None), temp=False)
+        # bind-check now, so a broken pool fails here rather than at the first query
+        con.execute("SELECT count(*) FROM pool").fetchall()
+    return catalog
+
+
+@contextlib.contextmanager
+def building_catalog(catalog: Path):
+    """A connection to a new catalog file with curate's tables, written under a temporary
+    name and renamed to ``catalog`` only when the block succeeds (nothing is left on failure)."""
+    tmp = catalog.with_name(f".{catalog.name}.{os.getpid()}.tmp")
+    leftovers = (tmp, Path(str(tmp) + ".wal"))
+    for leftover in leftovers:
+        leftover.unlink(missing_ok=True)
+    try:
+        con = duckdb.connect(str(tmp))
+        con.execute(CATALOG_TABLES_DDL)
+        yield con
+        con.close()
+        os.replace(tmp, catalog)
+    except BaseException:
+        for leftover in leftovers:
+            leftover.unlink(missing_ok=True)
+        raise
+
+
+def default_catalog() -> Path:
+    """``$CURATE_CATALOG`` if set, else the bundled example catalog."""
+    if os.environ.get("CURATE_CATALOG"):
+        return Path(os.environ["CURATE_CATALOG"])
+    if EXAMPLE_CATALOG is None:
+        raise CurateError("no catalog: pass --catalog FILE or set CURATE_CATALOG (the bundled example "
+                          "catalog comes with a source checkout, not with the wheel)")
+    return EXAMPLE_CATALOG
+
+
+def connect(catalog: str | os.PathLike | None = None, read_only: bool = True) -> duckdb.DuckDBPyConnection:
+    """Open a catalog so that its views read the right files whatever the working directory."""
+    path = Path(catalog) if catalog else default_catalog()
+    if not path.is_file():
+        raise CatalogError(f"{path}: catalog not found (create one with `curate catalog init`)")
+    try:
+        con = duckdb.connect(str(path), read_only=read_only)
+    except duckdb.Error as e:
+        raise CatalogError(f"{path}: cannot open as a DuckDB catalog ({e})") from None
+    try:
+        mode = con.execute("SELECT value FROM curate_meta WHERE key = 'paths'").fetchone()
+    except duckdb.Error:
+        raise CatalogError(f"{path}: not a curate catalog (no curate_meta table)") from None
+    if mode and mode[0] == "relative":
+        base = path.resolve().parent
+        con.execute(f"SET file_search_path = {sql_literal(str(base))}")
+        _create_views(con, _view_values(con, base), temp=True)
+        for name, select_sql, paths, options in con.execute("SELECT * FROM curate_views").fetchall():
+            con.execute(_parquet_view_sql(name, select_sql, [str(base / p) for p in paths], options, temp=True))
+    return con
+
+
+def resolve_path(con, stored: str | None, catalog: str | os.PathLike | None = None) -> Path | None:
+    """An absolute path for a path stored in the catalog (relative ones are relative to it)."""
+    if stored is None:
+        return None
+    p = Path(stored)
+    if p.is_absolute():
+        return p
+    cat = Path(catalog) if catalog else default_catalog()
+    return cat.resolve().parent / p
+
+
+def features_dir(con, catalog: str | os.PathLike | None = None) -> Path:
+    """Where producers write feature tables for this catalog (parquet, one dir per table)."""
+    return resolve_path(con, catalog_meta(con)["features_dir"], catalog)
+
+
+def _parquet_view_sql(name: str, select_sql: str, paths: list[str], options: str | None, temp: bool) -> str:
+    files = "[" + ", ".join(sql_literal(p) for p in paths) + "]"
+    opts = f", {options}" if options else ""
+    kind = "TEMP VIEW" if temp else "VIEW"
+    return (f"CREATE OR REPLACE {kind} {sql_identifier(name)} AS SELECT {select_sql} "
+            f"FROM read_parquet({files}, union_by_name = true{opts})")
+
+
+def register_parquet_view(catalog: str | os.PathLike, name: str, files: list[str | os.PathLike],
+                          select_sql: str = "*", options: str | None = None) -> None:
+    """Create (or replace) a catalog view over parquet files a producer wrote, e.g. text features.
+
+    ``select_sql`` is the projection (SQL written by curate, never user input). The files are
+    recorded in ``curate_views`` so that relative catalogs can re-point the view on open.
+    Opens the catalog read-write: call it with no other connection to the catalog open.
+    """
+    if not _IDENT_RE.match(name):
+        raise CatalogError(f"{name!r} is not a valid view name")
+    catalog = Path(catalog) if catalog else default_catalog()
+    con = duckdb.connect(str(catalog))
+    try:
+        relative = catalog_meta(con).get("paths") == "relative"
+        base = catalog.resolve().parent
+        abs_paths = [str(Path(f).resolve()) for f in files]
+        stored = [os.path.relpath(p, base) for p in abs_paths] if relative else abs_paths
+        if not abs_paths:
+            raise CatalogError(f"view {name}: no files to register")
+        con.execute(_parquet_view_sql(name, select_sql, abs_paths, options, temp=False)
+                    if not relative else
+                    f"SET file_search_path = {sql_literal(str(base))}")
+        if relative:
+            con.execute(_parquet_view_sql(name, select_sql, stored, options, temp=False))
+        con.execute("INSERT OR REPLACE INTO curate_views VALUES (?, ?, ?, ?)", [name, select_sql, stored, options])
+    finally:
+        con.close()
+
+
+def catalog_meta(con) -> dict[str, str]:
+    return dict(con.execute("SELECT key, value FROM curate_meta").fetchall())
+
+
+def describe_catalog(con) -> dict:
+    """What a catalog holds: row count, files, views and tables (for `curate catalog info`)."""
+    n_rows, n_files = con.execute("SELECT sum(num_rows), count(*) FROM pool_files").fetchone()
+    objects = con.execute(
+        "SELECT table_name, table_type FROM information_schema.tables "
+        "WHERE table_schema = 'main' AND table_catalog <> 'temp' ORDER BY table_name"
+    ).fetchall()
+    return {"rows": int(n_rows or 0), "files": int(n_files), "objects": objects, "meta": catalog_meta(con)}

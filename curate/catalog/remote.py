@@ -1,0 +1,90 @@
+"""A catalog over a pool that lives in object storage (``s3://bucket/pool/metadata``).
+
+The catalog file itself is a small local DuckDB file (copy it to every machine that needs it, or
+let the Ray engine ship its tables to the workers, which it does). Its ``pool_files`` rows hold
+URLs, and its views read them through fsspec (:func:`curate.storage.register_filesystems`).
+The checks are those of ``curate catalog init``: every parquet has the nine CommonPool
+columns with the right types and the same extra columns; the ``.npz`` beside each is recorded.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from curate import __version__
+from curate.catalog.connection import (IGNORED_COLUMNS, building_catalog, IGNORED_FILES, POOL_COLUMNS, CatalogError, _create_views, _type_family,
+                            _view_values)
+from curate import storage
+
+
+def init_remote_catalog(catalog, metadata_url: str, shards_url: str | None = None,
+                        storage_options: dict | None = None, overwrite: bool = False) -> Path:
+    """Create the local catalog file ``catalog`` over the parquet files under ``metadata_url``."""
+    catalog = Path(catalog).resolve()
+    if catalog.exists() and not overwrite:
+        raise CatalogError(f"{catalog}: already exists (use --overwrite to replace it)")
+    fs, root = storage.filesystem(metadata_url, storage_options)
+    proto = str(metadata_url).split("://", 1)[0]
+    try:
+        entries = sorted(fs.ls(root, detail=False))
+    except FileNotFoundError:
+        raise CatalogError(f"{metadata_url}: metadata directory not found") from None
+    names = [e.rsplit("/", 1)[-1] for e in entries]
+    names = [n for n in names if n and not n.startswith(".") and n not in IGNORED_FILES]
+    parquets = [n for n in names if n.endswith(".parquet")]
+    npzs = {n[: -len(".npz")] for n in names if n.endswith(".npz")}
+    stray = [n for n in names if not n.endswith((".parquet", ".npz"))]
+    if stray:
+        raise CatalogError(f"{storage.join(metadata_url, stray[0])}: not a .parquet or .npz file")
+    if not parquets:
+        raise CatalogError(f"{metadata_url}: no .parquet files (empty pool)")
+    base = str(metadata_url).rstrip("/")
+    rows, extra, first = [], None, None
+    shard = row_start = 0
+    for i, name in enumerate(parquets):
+        url = f"{base}/{name}"
+        with fs.open(f"{root.rstrip('/')}/{name}", "rb") as f:
+            try:
+                meta = pq.ParquetFile(f).metadata
+            except Exception as e:  # noqa: BLE001 - any unreadable footer is the user's file
+                raise CatalogError(f"{url}: not a readable parquet file ({e})") from None
+            schema = meta.schema.to_arrow_schema()
+        cols = {fld.name: fld.type for fld in schema}
+        for col, family in POOL_COLUMNS.items():
+            if col not in cols:
+                raise CatalogError(f"{url}: missing column '{col}'")
+            if _type_family(cols[col]) != family:
+                raise CatalogError(f"{url}: column '{col}' has type {cols[col]}, expected {family}")
+        these = [c for c in cols if c not in POOL_COLUMNS and c not in IGNORED_COLUMNS]
+        if extra is None:
+            extra, first = these, name
+        elif these != extra:
+            raise CatalogError(f"{url}: extra columns {these} differ from {first}'s {extra}")
+        stem = name[: -len(".parquet")]
+        npz = f"{base}/{stem}.npz" if stem in npzs else None
+        rows.append((i, stem, url, meta.num_rows, row_start, npz, shard))
+        row_start += meta.num_rows
+        shard += -(-meta.num_rows // 10000)
+    if row_start == 0:
+        raise CatalogError(f"{metadata_url}: the pool's parquet files hold no rows (empty pool)")
+    with building_catalog(catalog) as con:
+        storage.register_filesystems(con, [metadata_url], storage_options)
+        meta = {
+            "curate_version": __version__,
+            "paths": "absolute",
+            "metadata_dir": base,
+            "shards_dir": shards_url,
+            "features_dir": str(catalog.parent / f"{catalog.name}.features"),
+            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "storage": proto,
+        }
+        for i, col in enumerate(extra or []):
+            meta[f"extra_column:{i:04d}"] = col
+        con.executemany("INSERT INTO curate_meta VALUES (?, ?)", list(meta.items()))
+        con.executemany("INSERT INTO pool_files VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        _create_views(con, _view_values(con, None), temp=False)
+        con.execute("SELECT count(*) FROM pool").fetchall()  # bind-check through fsspec now
+    return catalog

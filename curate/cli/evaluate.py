@@ -1,0 +1,125 @@
+"""Command line for evaluation: ``curate eval`` and ``curate tic matrix`` (thin wrappers over
+:mod:`curate.evaluate.run`)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+
+@click.command("eval")
+@click.option("--train-output-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="A run directory written by `curate train` (holds info.json and checkpoints/).")
+@click.option("--tasks", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="Task list YAML (default: eval/tasklist.yml, DataComp's 40 tasks).")
+@click.option("--data-dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Root of local eval webdatasets: wds_{task}_test/ dirs, tic/... for TiC tasks.")
+@click.option("--output-dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Where eval_results.jsonl goes (default: the run directory).")
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--task", "only", multiple=True, help="Only this task key (repeatable).")
+def eval_cmd(train_output_dir, tasks, data_dir, output_dir, batch_size, only):
+    """Zero-shot evaluation of a trained model; results appended to eval_results.jsonl.
+
+    Tasks already in eval_results.jsonl are skipped; tasks without local data are reported
+    as missing.
+
+    \b
+    Example:
+      curate eval --train-output-dir runs/tiny_scale --data-dir /data/datacomp_eval
+    """
+    from tqdm import tqdm
+
+    from curate.evaluate.run import evaluate_run
+
+    t0 = time.perf_counter()
+    progress = (lambda it, total=None: tqdm(it, total=total, unit="img", leave=False)) if sys.stderr.isatty() else None
+    s = evaluate_run(train_output_dir, tasks=tasks, data_dir=data_dir, output_dir=output_dir,
+                     batch_size=batch_size, only=list(only) or None, progress=progress,
+                     say=lambda m: click.echo(m, err=True))
+    click.echo(s.table())
+    counts = {}
+    for r in s.rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    click.echo(", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+               + f"; results in {s.results_file} ({time.perf_counter() - t0:.1f}s)")
+
+
+@click.command("matrix")
+@click.argument("runs", nargs=-1, required=True, metavar="STEP=EVAL_DIR...")
+@click.option("--kind", type=click.Choice(["retrieval", "datacompnet"]), default="retrieval", show_default=True)
+@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), default=Path("tic_matrix.png"),
+              show_default=True, help="Heatmap PNG; the numbers go to the same name with .json.")
+def tic_matrix_cmd(runs, kind, out):
+    """TiC dynamic evaluation matrix with ID / backward / forward transfer and a heatmap.
+
+    Give the models in training order as STEP=DIR, where DIR holds the eval_results.jsonl of
+    `curate eval --tasks TIC_TASKLIST` for that step's model.
+
+    \b
+    Example:
+      curate tic matrix 2016=runs/tic/cumulative-all/2016 2017=runs/tic/cumulative-all/2017 -o m.png
+    """
+    from curate.atomic import write_json
+    from curate.errors import CurateError
+    from curate.evaluate.run import plot_matrix, tic_matrix
+
+    pairs = []
+    for r in runs:
+        if "=" not in r:
+            raise CurateError(f"{r!r}: expected STEP=EVAL_DIR")
+        step, d = r.split("=", 1)
+        pairs.append((step, d))
+    res = tic_matrix(pairs, kind=kind)
+    plot_matrix(res, out)
+    write_json(out.with_suffix(".json"), res)
+    f = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    click.echo(f"{kind}: ID {f(res['id'])}, backward transfer {f(res['backward'])}, forward transfer {f(res['forward'])}")
+    click.echo(f"wrote {out} and {out.with_suffix('.json')}")
+
+
+@click.command("eval-export-winogavil")
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The --data-dir of `curate eval`; writes wds_misc-winogavil_test/ under it.")
+@click.option("--source", required=True, type=click.Path(exists=True, path_type=Path),
+              help="A local copy of HF nlphuji/winogavil: a save_to_disk directory, or parquet file(s).")
+@click.option("--split", default="test", show_default=True, help="Split to read from a DatasetDict or parquet export.")
+@click.option("--shard-size", default=500, show_default=True, help="Instances per tar.")
+def export_winogavil_cmd(data_dir, source, split, shard_size):
+    """Write WinoGAViL (HF nlphuji/winogavil, the test split DataComp reads) into the local
+    webdataset layout `curate eval` reads, from a local copy of the dataset.
+
+    The hub repository is a loading-script dataset: `datasets` runs the repository's Python
+    to build it, and `datasets` >= 4 no longer runs such scripts at all. curate never runs it.
+    Make the local copy once, where you accept running that script (the dataset is gated: log
+    in first), with `datasets` < 4:
+
+    \b
+      python -c "import datasets; datasets.load_dataset('nlphuji/winogavil', split='test',
+                 trust_remote_code=True).save_to_disk('winogavil_test')"
+
+    The copy is then read as Arrow/parquet data only: no code in it runs.
+
+    \b
+    Example:
+      curate eval-export-winogavil --data-dir /data/datacomp_eval --source winogavil_test
+      curate eval --train-output-dir runs/small_scale --data-dir /data/datacomp_eval --task misc/winogavil
+    """
+    from curate.evaluate.run import export_winogavil, winogavil_rows_from_hf
+
+    out = Path(data_dir) / "wds_misc-winogavil_test"
+    n = export_winogavil(winogavil_rows_from_hf(source, split), out, shard_size=shard_size)
+    click.echo(f"wrote {n:,} WinoGAViL instances to {out}")
+
+
+def register(main) -> None:
+    main.add_command(eval_cmd)
+    main.add_command(export_winogavil_cmd)
+    try:
+        from curate.cli.tic import tic
+    except ImportError:
+        return
+    tic.add_command(tic_matrix_cmd)

@@ -1,0 +1,172 @@
+"""``curate ray ...``: the Ray engine's commands, and the ``--engine/--ray-address`` options.
+
+``curate ray run`` is ``curate run`` on a Ray cluster (same filter files, byte-identical subset
+files). ``engine_options`` is the decorator the other commands (``curate run``,
+``curate features ...``, ``curate reshard``, ``curate tic export``) add to offer
+``--engine {local,ray}`` and ``--ray-address``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+
+
+def engine_options(unit: str = "one task per pool file"):
+    """``--engine {local,ray}`` (default local) and ``--ray-address`` for a click command.
+
+    ``unit`` says what one Ray task does for that command (for the help text).
+    """
+    def decorate(f):
+        f = click.option("--ray-address", default=None, metavar="ADDRESS",
+                         help="Ray cluster to join (e.g. auto, ray://head:10001); default: start Ray "
+                              "locally. Only with --engine ray.")(f)
+        f = click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                         help=f"local: this machine; ray: {unit} on a Ray cluster.")(f)
+        return f
+    return decorate
+
+
+def _storage_options(text):
+    from curate.storage import parse_storage_options
+
+    return parse_storage_options(text, "--storage-options")
+
+
+storage_option = click.option(
+    "--storage-options", default=None, metavar="JSON",
+    help="fsspec options for s3:// and other URLs, as JSON (default: $CURATE_STORAGE_OPTIONS, then "
+         "the usual AWS environment variables).")
+
+
+@click.group("ray")
+def ray_group():
+    """Run curate's steps on a Ray cluster (pool files as partitions)."""
+
+
+@ray_group.command("run")
+@click.argument("filter_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--catalog", "-c", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Catalog file (default: $CURATE_CATALOG or the bundled catalog.duckdb.example).")
+@click.option("--out", "-o", default=None, metavar="PATH|URL",
+              help="Subset to write (default: subsets/FILTER.npy); may be s3://...; a .json manifest goes beside it.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override a parameter the filter declares with SET VARIABLE (repeatable).")
+@click.option("--ray-address", default=None, metavar="ADDRESS",
+              help="Ray cluster to join (auto, ray://head:10001); default: start Ray on this machine.")
+@click.option("--num-cpus", type=int, default=None, help="CPUs for a Ray started here (default: all).")
+@click.option("--max-in-flight", type=int, default=None, help="At most this many tasks at once.")
+@click.option("--layout", type=click.Choice(["file", "buckets"]), default="file", show_default=True,
+              help="file: one sorted .npy; buckets: a directory of sorted bucket files + buckets.json.")
+@click.option("--bucket-records", type=int, default=1 << 22, show_default=True,
+              help="Records per sort bucket (16 bytes each).")
+@click.option("--work-dir", default=None, metavar="PATH|URL",
+              help="Where partitions are kept until the run ends (default: OUT.work); rerun to resume.")
+@click.option("--keep-work", is_flag=True, help="Keep the work directory after success.")
+@storage_option
+def ray_run(filter_file, catalog, out, sets, ray_address, num_cpus, max_in_flight, layout, bucket_records,
+            work_dir, keep_work, storage_options):
+    """Run a SQL filter per pool file on Ray; same subset file as `curate run`.
+
+    \b
+    Example:
+      ray start --head --num-cpus 8          # or join an existing cluster
+      curate ray run filters/clip_score_l14_30pct.sql --ray-address auto \\
+          -c pool.duckdb -o s3://bucket/subsets/l14_30pct.npy
+    """
+    import sys
+
+    from curate.run.ray import run_filter_ray
+    from curate.run.runner import parse_sets
+
+    res = run_filter_ray(filter_file, catalog=catalog, out=out, sets=parse_sets(sets),
+                         progress=sys.stderr.isatty(), address=ray_address, num_cpus=num_cpus,
+                         max_in_flight=max_in_flight, work_dir=work_dir, keep_work=keep_work,
+                         bucket_records=bucket_records, layout=layout,
+                         storage_options=_storage_options(storage_options))
+    pct = 100.0 * res.count / res.pool_rows if res.pool_rows else 0.0
+    params = ", ".join(f"{k}={v}" for k, v in res.params.items())
+    click.echo(f"{filter_file}: kept {res.count:,} of {res.pool_rows:,} samples ({pct:.2f}%), "
+               f"{res.distinct:,} distinct uids" + (f" [{params}]" if params else ""))
+    click.echo(f"wrote {res.out} and {res.manifest} in {res.elapsed:.2f}s (ray engine)")
+
+
+@ray_group.command("catalog-init")
+@click.argument("catalog", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--metadata", required=True, metavar="URL", help="The pool's metadata dir, e.g. s3://bucket/pool/metadata.")
+@click.option("--shards", default=None, metavar="URL", help="The pool's shards dir (recorded in the catalog).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing catalog file.")
+@storage_option
+def ray_catalog_init(catalog, metadata, shards, overwrite, storage_options):
+    """Create a local CATALOG over a pool in object storage (read through fsspec).
+
+    \b
+    Example:
+      curate ray catalog-init pool.duckdb --metadata s3://bucket/datacomp/small/metadata
+    """
+    from curate.catalog.remote import init_remote_catalog
+
+    t0 = time.perf_counter()
+    opts = _storage_options(storage_options)
+    if opts is None:
+        from curate.storage import storage_options_from_env
+
+        opts = storage_options_from_env()
+    path = init_remote_catalog(catalog, metadata, shards, storage_options=opts, overwrite=overwrite)
+    from curate.catalog.connection import connect
+
+    con = connect(path)
+    n, files = con.execute("SELECT sum(num_rows), count(*) FROM pool_files").fetchone()
+    con.close()
+    click.echo(f"wrote {path}: {n:,} samples in {files} parquet files under {metadata} "
+               f"in {time.perf_counter() - t0:.2f}s")
+
+
+@ray_group.command("subset-concat")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+def ray_subset_concat(directory, out):
+    """Join a bucket-directory subset (--layout buckets) into one sorted .npy subset file.
+
+    \b
+    Example:
+      curate ray subset-concat subsets/no_filter_xlarge/ subsets/no_filter_xlarge.npy
+    """
+    from curate.run.assemble import concat_bucket_directory
+
+    t0 = time.perf_counter()
+    n = concat_bucket_directory(directory, out)
+    click.echo(f"wrote {out}: {n:,} uids from {directory} in {time.perf_counter() - t0:.2f}s")
+
+
+@ray_group.command("features-text")
+@click.option("--catalog", "-c", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Catalog file (default: $CURATE_CATALOG or the bundled catalog.duckdb.example).")
+@click.option("--lid-model", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="fastText LID model (default: as `curate features text`).")
+@click.option("--force", is_flag=True, help="Recompute every pool file.")
+@click.option("--ray-address", default=None, metavar="ADDRESS",
+              help="Ray cluster to join (auto, ray://head:10001); default: start Ray on this machine.")
+@click.option("--num-cpus", type=int, default=None, help="CPUs for a Ray started here (default: all).")
+def ray_features_text(catalog, lid_model, force, ray_address, num_cpus):
+    """Compute the text_features table with one Ray task per stale pool file.
+
+    \b
+    Example:
+      curate ray features-text -c pool.duckdb --ray-address auto
+    """
+    import sys
+
+    from curate.features.ray import build_text_features_ray
+
+    res = build_text_features_ray(catalog, lid_model=lid_model, progress=sys.stderr.isatty(), force=force,
+                                  address=ray_address, num_cpus=num_cpus)
+    click.echo(f"text_features: computed {len(res.computed)} file(s) ({res.rows_computed:,} captions), "
+               f"{len(res.skipped)} up to date, in {res.elapsed:.1f}s -> {res.out_dir}")
+
+
+def register(main):
+    main.add_command(ray_group)

@@ -1,0 +1,104 @@
+"""Command line for fixed training: ``curate train`` and ``curate tic train PLAN``.
+
+Thin click wrappers over :mod:`curate.train.trainer`; DataComp's underscored flags are spelled with
+hyphens here (``--data-dir`` is accepted for ``--data``).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+
+@click.command("train")
+@click.option("--scale", required=True, help="Scale from train/scales.yaml: debug, small, medium, large, "
+              "xlarge, tic_debug, tic_medium, tic_large, tic_xlarge, tiny.")
+@click.option("--data", "--data-dir", "data", required=True, metavar="DIR[::DIR...]",
+              help="Resharder output dir(s), dirs of such dirs, or .tar files; '::' separates a mixture.")
+@click.option("--data-weights", default=None, metavar="W[::W...]",
+              help="One weight per --data entry (applied to every shard of that entry, as DataComp).")
+@click.option("--output-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Checkpoints go to OUTPUT_DIR/EXP_NAME/checkpoints; the record to OUTPUT_DIR/EXP_NAME/info.json.")
+@click.option("--exp-name", default=None, help="Run name (default: SCALE_scale).")
+@click.option("--workers", default=4, show_default=True, help="Data loader workers per process.")
+@click.option("--precision", default=None, help="amp, amp_bf16, amp_bfloat16, bf16, fp16, fp32 "
+              "(default: the scale's, amp for DataComp scales).")
+@click.option("--num-checkpoints", default=5, show_default=True, help="Checkpoints (open_clip epochs) over the run.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--accum-freq", default=1, show_default=True)
+@click.option("--log-every-n-steps", default=100, show_default=True)
+@click.option("--resume", default="latest", show_default=True,
+              help="'latest' continues this run after a kill; a checkpoint path resumes from it.")
+@click.option("--new-run", is_flag=True, help="TiC warm start: load --resume's weights only; fresh optimizer, "
+              "schedule and epoch.")
+@click.option("--warmup", type=int, default=None, help="Override the scale's warmup steps (TiC).")
+@click.option("--train-num-samples", type=int, default=None, help="Override the scale's samples seen (TiC).")
+@click.option("--grad-clip-norm", type=float, default=None)
+@click.option("--save-frequency", default=0, show_default=True)
+@click.option("--report-to-wandb", is_flag=True)
+@click.option("--wandb-project-name", default="datanet", show_default=True)
+@click.option("--imagenet-val", default=None, help="ImageNet val folder for open_clip's in-training zero-shot.")
+@click.option("--blur-field", default=None, hidden=True)
+@click.option("--nproc", type=int, default=None, help="Processes (default: visible GPUs; torchrun when > 1).")
+@click.option("--threads", type=int, default=None, help="CPU threads per trainer process (OMP_NUM_THREADS); "
+              "1 is much faster on small CPU machines.")
+@click.option("--scales-file", default=None, type=click.Path(dir_okay=False), help="Alternative scales YAML.")
+@click.option("--quiet", "-q", is_flag=True, help="Do not echo open_clip's log.")
+def train_cmd(quiet, **kw):
+    """Train a CLIP model with DataComp's fixed settings using open_clip's own trainer.
+
+    \b
+    Example:
+      curate train --scale tiny --data resharded/clip_score --output-dir runs --exp-name clip_score_s0
+      curate train --scale small --data a/::b/ --data-weights 1::2 --output-dir runs --workers 8
+    """
+    from curate.train.trainer import TrainSpec, train
+
+    spec = TrainSpec(**kw)
+    res = train(spec, echo=None if quiet else (lambda line: click.echo(line, err=True)))
+    rec = res.record
+    click.echo(f"trained {spec.scale} on {spec.data}: checkpoint {res.checkpoint}")
+    click.echo(f"wrote {rec} in {res.elapsed:.1f}s"
+               + (f" ({res.samples_available:,} samples available)" if res.samples_available else ""))
+
+
+@click.command("train")
+@click.argument("plan", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory the plan's relative paths are relative to (default: current dir).")
+@click.option("--workers", default=4, show_default=True)
+@click.option("--precision", default=None)
+@click.option("--num-checkpoints", default=5, show_default=True)
+@click.option("--threads", type=int, default=None, help="CPU threads per trainer process (OMP_NUM_THREADS).")
+@click.option("--only", default=None, help="Run only these step names (comma-separated).")
+@click.option("--quiet", "-q", is_flag=True)
+def tic_train_cmd(plan, root, workers, precision, num_checkpoints, threads, only, quiet):
+    """Run a TiC continual plan step by step (warm starts where the plan says; done steps skipped).
+
+    \b
+    Example:
+      curate tic plan cumulative-all --steps 2016,2017,2018 --budget 20000 -o plan.json
+      curate tic train plan.json --workers 2
+    """
+    from curate.train.trainer import run_plan
+
+    t0 = time.perf_counter()
+    done = run_plan(plan, root=root, workers=workers, precision=precision, num_checkpoints=num_checkpoints,
+                    threads=threads, only=[s for s in (only or "").split(",") if s] or None,
+                    echo=None if quiet else (lambda line: click.echo(line, err=True)),
+                    say=click.echo)
+    click.echo(f"{plan}: {sum(1 for d in done if d['status'] == 'trained')} steps trained, "
+               f"{sum(1 for d in done if d['status'] == 'skipped')} already done, in {time.perf_counter() - t0:.1f}s")
+
+
+def register(main) -> None:
+    main.add_command(train_cmd)
+    try:
+        from curate.cli.tic import tic
+    except ImportError:  # the TiC group is optional; `curate train` works without it
+        print("curate: TiC commands unavailable", file=sys.stderr)
+        return
+    tic.add_command(tic_train_cmd)

@@ -1,0 +1,1 @@
+"""The bundled examples: the sample catalog (``example``) and the end-to-end demo (``pipeline``)."""

@@ -1,0 +1,83 @@
+"""The ``text_lang_cld3`` table: CLD3's language label of every caption, computed once.
+
+Only DataComp's ``laion2b`` baseline reads CLD3, and CLD3 costs 2.5-4x what fastText does per
+caption, so it is not part of ``text_features`` (:mod:`curate.features.text`): it is its own
+producer, built by ``curate features cld3`` or by ``curate run`` on the first filter that
+references the view. One parquet per pool file, ``FEATURES_DIR/text_lang_cld3/{file}.parquet``,
+same rows in the same order as the pool file:
+
+====================  ==========================================================================
+uid, file, row        the pool row (join on file + row, or on uid)
+lang_cld3             ``gcld3.NNetLanguageIdentifier(min_num_bytes=0, max_num_bytes=1000)``
+                      ``.FindLanguage(text.replace('\\n', ' ')).language`` (reliability ignored)
+====================  ==========================================================================
+
+Everything else -- resumable per-file outputs written atomically, stale detection from the
+source file's identity and the CLD3 settings recorded in each output, worker processes, no
+partial table on a NULL or non-UTF-8 caption -- is the shared machinery of
+:func:`curate.features.text.build_table`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+
+from curate.features.text import (BuildResult, CaptionTable, CaptionTableProducer, PoolFileRef, build_table,
+                                 per_distinct, write_caption_table)
+
+VIEW = "text_lang_cld3"
+SCHEMA_VERSION = 1
+META_KEY = b"curate.text_lang_cld3"
+
+OUTPUT_SCHEMA = pa.schema([
+    ("uid", pa.string()), ("file", pa.string()), ("row", pa.int64()), ("lang_cld3", pa.string()),
+])
+
+_CLD3 = None
+
+
+def _cld3():
+    """The detector, created once per process."""
+    global _CLD3
+    if _CLD3 is None:
+        from curate.features.langid import Cld3LID
+
+        _CLD3 = Cld3LID()
+    return _CLD3
+
+
+def settings_identity() -> dict:
+    from curate.features.langid import cld3_identity
+
+    return {"schema": SCHEMA_VERSION, "cld3": cld3_identity()}
+
+
+def compute_file(src: Path, file: str, out: Path, settings: dict, source: dict, progress=None) -> int:
+    """Write the CLD3 labels of one pool file to ``out`` (atomically); returns its row count."""
+    detector = _cld3()
+    return write_caption_table(src, file, out, OUTPUT_SCHEMA, META_KEY,
+                               {"file": file, "source": source, "settings": settings},
+                               lambda texts: {"lang_cld3": per_distinct(detector.labels, texts)}, progress)
+
+
+def _settings(out_dir: Path, files: list[PoolFileRef]) -> dict:
+    return settings_identity()
+
+
+def _comparable(settings: dict) -> dict:
+    return json.loads(json.dumps(settings))
+
+
+TABLE = CaptionTable(VIEW, META_KEY, compute_file, _settings, _comparable, lambda settings: _cld3())
+
+
+def build_text_lang_cld3(catalog=None, workers: int | None = None, progress: bool = True,
+                         force: bool = False) -> BuildResult:
+    """Compute CLD3 labels for every pool file that lacks current ones; register ``text_lang_cld3``."""
+    return build_table(TABLE, catalog, workers=workers, progress=progress, force=force)
+
+
+PRODUCER = CaptionTableProducer(TABLE, build_text_lang_cld3, lambda s: {"cld3": s["cld3"]})

@@ -1,0 +1,62 @@
+"""Feature producers: expensive per-sample work computed once into uid-keyed tables.
+
+A producer (language ID, WordNet matches, cluster assignments, ...) writes parquet files under
+the catalog's ``features_dir`` and registers a view over them with
+:func:`curate.catalog.connection.register_parquet_view`. Filters just reference the view. When a filter
+references a view whose producer is registered here and the view is missing or stale,
+``curate run`` builds it first (with progress) and caches it.
+
+A producer is an object with:
+
+* ``view``: the name filters use (e.g. ``text_features``);
+* ``is_current(catalog, params) -> bool``: the view exists and matches the pool and settings;
+* ``build(catalog, params, progress=True) -> None``: compute what is missing (resumable) and
+  register the view.
+
+``params`` are the filter's parameters (after ``--set``), so a producer can depend on one
+(e.g. the cluster set name ``clusters``). Producers are listed in ``PRODUCERS`` as
+``"module:attribute"`` and imported only when a filter needs them.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from curate.sqltokens import tokenize
+
+#: view name -> "module:attribute" of the producer object
+PRODUCERS: dict[str, str] = {
+    "cluster_assignments": "curate.features.clusters:ASSIGNMENTS",
+    "text_features": "curate.features.text:PRODUCER",
+    "text_lang_cld3": "curate.features.cld3:PRODUCER",
+}
+
+
+def producer(view: str):
+    module, attr = PRODUCERS[view].split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def referenced_names(sql: str) -> set[str]:
+    """Identifiers in a query (tables, views, functions), lower-cased; a cheap over-approximation."""
+    return {t.value.lower() for t in tokenize(sql) if t.kind in ("identifier", "keyword") and t.value}
+
+
+def needed_producers(sql: str) -> list[str]:
+    names = referenced_names(sql)
+    return [view for view in PRODUCERS if view.lower() in names]
+
+
+def ensure_features(catalog, sql: str, params: dict, progress: bool = True) -> list[str]:
+    """Build every registered feature view ``sql`` references that is missing or stale.
+
+    Returns the names of the views it built. Call with no open connection to ``catalog``
+    (building opens it read-write).
+    """
+    built = []
+    for view in needed_producers(sql):
+        p = producer(view)
+        if not p.is_current(catalog, params):
+            p.build(catalog, params, progress=progress)
+            built.append(view)
+    return built

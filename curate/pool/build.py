@@ -1,0 +1,779 @@
+"""Build a CommonPool-format pool from a folder of images and a table of metadata.
+
+``build_pool`` reads a CSV, TSV or parquet table that names one local image file and one caption
+per row (and, optionally, a time and any other columns), and writes what DataComp's
+``download_upstream.py`` leaves behind, so that ``curate catalog init`` and everything after it
+work unchanged:
+
+* ``DATA_DIR/shards/{S:08d}.tar`` in img2dataset's layout: per sample ``KEY.jpg`` (or ``.png`` /
+  ``.webp``: the image bytes exactly as read; other formats, e.g. GIF or BMP, re-encoded as
+  PNG), ``KEY.txt`` (the caption) and ``KEY.json``
+  (``uid``, ``caption``, ``url``, ``key``, ``status``, sizes, ``sha256`` and the kept columns);
+  ``{S:08d}.parquet`` with one row per sample (``key``, ``uid``, ..., ``source_row``, the
+  table row it came from) and ``{S:08d}_stats.json``;
+* ``DATA_DIR/metadata/{S:08d}.parquet``: the nine CommonPool columns for the shard's samples, in
+  key order, plus the table's other columns and ``time_utc``. Every shard holds exactly
+  10,000 samples except the last, so img2dataset's rule (parquet file f, row r -> shard f, key
+  ``f * 10**4 + r``) that the catalog relies on holds;
+* ``DATA_DIR/failures/{S:08d}.parquet``: the table rows shard S's run left out, and why;
+* ``DATA_DIR/pool.json``: the settings and, when finished, the counts.
+
+The uid is a content hash, so the same image and caption give the same uid on any machine::
+
+    uid = sha256( sha256_hex(image file bytes) + "\\n" + caption ).hexdigest()[:32]
+
+(``sha256_hex`` is the 64-character lowercase hex digest of the *source file's* bytes, which is
+also the pool's ``sha256`` column; the string is hashed as UTF-8, so in SQL
+``sha256(sha256 || chr(10) || text)[1:32] = uid``). A second row with the same image and
+caption is a duplicate and is left out.
+
+Source files are only ever read. Missing, unreadable or undecodable images are reported (status
+``failed_to_download`` / ``failed_to_resize`` as in img2dataset, ``duplicate``) and left out.
+The table is streamed in Arrow batches and images are read by a thread pool; a shard's files are
+written under temporary names and its ``_stats.json`` (written last) marks it complete, so a
+killed build resumes after the last complete shard.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from curate.atomic import atomic_path, write_json
+from curate.catalog.connection import POOL_COLUMNS
+from curate.errors import CurateError
+from curate.uids import hex_array_to_pairs
+
+SAMPLES_PER_SHARD = 10_000
+#: img2dataset's key: shard * 10**4 + index (``oom_sample_per_shard`` = 4 digits).
+KEY_BASE = 10_000
+#: The column ``--time-col`` is parsed into: a naive TIMESTAMP holding UTC wall-clock time.
+TIME_COLUMN = "time_utc"
+#: Prefix for table columns whose names clash with a pool column.
+CLASH_PREFIX = "source_"
+UID_DEFINITION = 'sha256(sha256_hex(image_bytes) + "\\n" + caption)[:32], UTF-8'
+POOL_FORMAT = "curate-pool-from-table/1"
+TIME_FORMATS = ("auto", "unix", "unix_ms", "iso", "year")
+#: Image formats stored byte for byte (what open_clip's webdataset loader reads); others are
+#: re-encoded as PNG.
+KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+BATCH_ROWS = 2048
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-f]+>")
+#: Where recipes keep the table they derive from a collection's metadata, inside DATA_DIR.
+SOURCE_DIR = "source"
+#: Where the rows left out of the pool are listed, one parquet per shard that had any.
+FAILURES_DIR = "failures"
+
+
+class PoolBuildError(CurateError):
+    """A table or output directory that cannot be turned into a pool as asked."""
+
+
+def sample_uid(image_sha256: str, caption: str) -> str:
+    """The uid of an (image, caption) pair, from the image's SHA-256 hex digest.
+
+    >>> sample_uid(hashlib.sha256(b"").hexdigest(), "")
+    '38acb15d02d5ac0f2a2789602e9df950'
+    """
+    return hashlib.sha256(f"{image_sha256}\n{caption}".encode("utf-8")).hexdigest()[:32]
+
+
+# --- reading the table -------------------------------------------------------------------------
+
+
+def _table_kind(path: Path) -> str:
+    name = path.name.lower()
+    for ext, kind in ((".parquet", "parquet"), (".tsv", "tsv"), (".tab", "tsv"), (".csv", "csv")):
+        if name.endswith(ext):
+            return kind
+    raise PoolBuildError(f"{path}: unknown table type (expected .csv, .tsv or .parquet)")
+
+
+def table_schema(path: str | os.PathLike) -> pa.Schema:
+    """Column names and types of a table; CSV/TSV columns are all strings (ids keep their zeros)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PoolBuildError(f"{path}: table not found")
+    kind = _table_kind(path)
+    if kind == "parquet":
+        try:
+            return pq.read_schema(path)
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for bad files
+            raise PoolBuildError(f"{path}: not a readable parquet file ({e})") from None
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            header = next(csv.reader(f, delimiter="\t" if kind == "tsv" else ","), None)
+    except UnicodeDecodeError as e:
+        raise PoolBuildError(f"{path}: header is not UTF-8 ({e})") from None
+    if not header:
+        raise PoolBuildError(f"{path}: empty table (no header line)")
+    seen = set()
+    for name in header:
+        if not name or name in seen:
+            raise PoolBuildError(f"{path}: header has an empty or repeated column name {name!r}")
+        seen.add(name)
+    return pa.schema([(name, pa.string()) for name in header])
+
+
+def iter_table(path: str | os.PathLike, schema: pa.Schema, start_row: int = 0):
+    """Yield ``(first_row, RecordBatch)`` from ``start_row`` on (0-based data rows), streaming."""
+    path = Path(path)
+    kind = _table_kind(path)
+    row = 0
+    try:
+        if kind == "parquet":
+            pf = pq.ParquetFile(path)
+            for rg in range(pf.num_row_groups):
+                n = pf.metadata.row_group(rg).num_rows
+                if row + n <= start_row:  # resume: skip whole row groups without reading them
+                    row += n
+                    continue
+                for batch in pf.iter_batches(batch_size=BATCH_ROWS, row_groups=[rg]):
+                    yield from _clip(row, batch, start_row)
+                    row += batch.num_rows
+            return
+        reader = pacsv.open_csv(
+            path,
+            read_options=pacsv.ReadOptions(block_size=1 << 22, encoding="utf8"),
+            parse_options=pacsv.ParseOptions(delimiter="\t" if kind == "tsv" else ",",
+                                             newlines_in_values=True),
+            # every column a string; only an empty field is null ("NA" is a caption, not a null)
+            convert_options=pacsv.ConvertOptions(column_types=dict(zip(schema.names, schema.types)),
+                                                 strings_can_be_null=True, null_values=[""]),
+        )
+        for batch in reader:
+            for off in range(0, batch.num_rows, BATCH_ROWS):
+                part = batch.slice(off, BATCH_ROWS)
+                yield from _clip(row, part, start_row)
+                row += part.num_rows
+    except pa.ArrowInvalid as e:
+        raise PoolBuildError(f"{path}: cannot parse the table after data row {row} ({e})") from None
+
+
+def _clip(row: int, batch: pa.RecordBatch, start_row: int):
+    if row + batch.num_rows <= start_row:
+        return
+    if row < start_row:
+        batch = batch.slice(start_row - row)
+        row = start_row
+    yield row, batch
+
+
+# --- times ---------------------------------------------------------------------------------------
+
+_EPOCH = _dt.datetime(1970, 1, 1)
+_INT_RE = re.compile(r"[+-]?\d+\Z")
+
+
+def parse_time(value, fmt: str = "auto") -> _dt.datetime:
+    """One time value -> naive UTC ``datetime``; raises ``ValueError`` when it is not one.
+
+    ``auto``: numbers (or strings of digits) are Unix seconds, other strings ISO 8601;
+    ``unix`` / ``unix_ms``: seconds / milliseconds since 1970-01-01 UTC; ``iso``: ISO 8601
+    (no offset = UTC; an offset is converted to UTC); ``year``: a year, meaning 1 January 00:00.
+    Parquet timestamps and dates are taken as they are (naive = UTC).
+    """
+    if value is None:
+        raise ValueError("empty")
+    if isinstance(value, _dt.datetime):
+        return value.astimezone(_dt.timezone.utc).replace(tzinfo=None) if value.tzinfo else value
+    if isinstance(value, _dt.date):
+        return _dt.datetime(value.year, value.month, value.day)
+    if fmt == "year":
+        year = int(str(value).strip())
+        return _dt.datetime(year, 1, 1)
+    if isinstance(value, str):
+        s = value.strip()
+        if fmt in ("unix", "unix_ms") or (fmt == "auto" and _is_number(s)):
+            value = int(s) if _INT_RE.match(s) else float(s)
+        else:
+            d = _dt.datetime.fromisoformat(s)
+            return d.astimezone(_dt.timezone.utc).replace(tzinfo=None) if d.tzinfo else d
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("not a time")
+    if fmt == "iso":
+        raise ValueError("a number where an ISO 8601 time was expected")
+    if not math.isfinite(value):
+        raise ValueError("not a finite number")
+    # arithmetic on microseconds since the epoch: fromtimestamp() would use the machine's time
+    # zone (TiC's YFCC script does exactly that); whole numbers stay integers (exact)
+    scale = 1000 if fmt == "unix_ms" else 1_000_000
+    us = value * scale if isinstance(value, int) else int(round(value * scale))
+    try:
+        return _EPOCH + _dt.timedelta(microseconds=us)
+    except OverflowError:
+        raise ValueError("outside years 1..9999") from None
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+# --- reading one image ---------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedImage:
+    status: str  # "success" | "failed_to_download" | "failed_to_resize"
+    error: str | None = None
+    data: bytes = b""  # what goes into the tar
+    ext: str = ""
+    sha256: str = ""  # of the source file bytes
+    width: int = 0
+    height: int = 0
+
+
+def load_image(path: Path) -> LoadedImage:
+    """Read and fully decode one image file (never modifies it)."""
+    from PIL import Image
+
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return LoadedImage("failed_to_download", "image file not found")
+    except OSError as e:
+        return LoadedImage("failed_to_download", f"cannot read image file: {e.strerror or e}")
+    sha = hashlib.sha256(data).hexdigest()
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt, (w, h) = im.format, im.size
+            if fmt == "JPEG":
+                # decode at 1/8 scale in the DCT: the whole stream is still read (a truncated or
+                # corrupt file still fails) at a fraction of the cost of a full decode
+                im.draft("RGB", (max(1, w // 8), max(1, h // 8)))
+            im.load()
+            ext = KEPT_FORMATS.get(fmt)
+            if ext is None:
+                buf = io.BytesIO()
+                mode = "RGBA" if ("A" in im.mode or "transparency" in im.info) else "RGB"
+                im.convert(mode).save(buf, format="PNG")
+                out, ext = buf.getvalue(), "png"
+            else:
+                out = data
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad image data
+        # PIL names the BytesIO object (a memory address): keep messages the same run to run
+        msg = _OBJECT_REPR.sub("data", str(e))
+        return LoadedImage("failed_to_resize", f"cannot decode image: {type(e).__name__}: {msg}", sha256=sha)
+    if w <= 0 or h <= 0:
+        return LoadedImage("failed_to_resize", f"image has size {w}x{h}", sha256=sha)
+    return LoadedImage("success", None, out, ext, sha, int(w), int(h))
+
+
+# --- uid set for duplicates ----------------------------------------------------------------------
+
+
+class UidSet:
+    """uids seen so far, for duplicate detection over a whole table in bounded memory.
+
+    Exact membership lives in sorted runs of (hi, lo) uint64 pairs (16 bytes per uid, ~240 MB
+    at 15M rows; a Python set of strings would take ~100 bytes per uid). In front of it, a
+    2**27-bit map of the uids' top 27 bits (16 MB) answers most lookups of new uids in one bit
+    test; only a hit (about n / 2**27 of them, ~11% at 15M) searches the runs.
+    """
+
+    BITS = 27
+
+    def __init__(self):
+        self.runs: list[tuple[np.ndarray, np.ndarray]] = []
+        self.bits = bytearray(1 << (self.BITS - 3))
+
+    def add(self, uids: list[str]) -> None:
+        if not uids:
+            return
+        hi, lo = hex_array_to_pairs(pa.array(uids, pa.string()))
+        order = np.argsort(hi, kind="stable")
+        self.runs.append((hi[order], lo[order]))
+        top = (hi >> np.uint64(64 - self.BITS)).astype(np.int64)
+        view = np.frombuffer(self.bits, dtype=np.uint8)
+        np.bitwise_or.at(view, top >> 3, (1 << (top & 7)).astype(np.uint8))
+        if len(self.runs) > 16:
+            # timsort (kind="stable") merges the concatenated sorted runs in near-linear time
+            hi = np.concatenate([r[0] for r in self.runs])
+            lo = np.concatenate([r[1] for r in self.runs])
+            order = np.argsort(hi, kind="stable")
+            self.runs = [(hi[order], lo[order])]
+
+    def __contains__(self, uid: str) -> bool:
+        h = int(uid[:16], 16)
+        top = h >> (64 - self.BITS)
+        if not (self.bits[top >> 3] >> (top & 7)) & 1:
+            return False
+        h, l = np.uint64(h), np.uint64(int(uid[16:], 16))
+        for hi, lo in self.runs:  # sorted by hi; lo is unordered within equal hi (rare)
+            a, b = np.searchsorted(hi, h, "left"), np.searchsorted(hi, h, "right")
+            if a < b and (lo[a:b] == l).any():
+                return True
+        return False
+
+
+# --- writing shards ------------------------------------------------------------------------------
+
+
+class TarStream:
+    """Append-only USTAR writer for regular files, byte-identical to ``tarfile`` with
+    ``format=USTAR_FORMAT``, ``mtime=0``, ``mode=0o444``, uid/gid 0, no user/group names.
+
+    ``tarfile.addfile`` costs ~40-75 us per member in Python (TarInfo copy, field encoding), three
+    members per sample, all on the thread that must also feed the decoders; a header built from
+    a fixed template costs a few us. Fixed fields also make the tars reproducible, and USTAR
+    without PAX headers is what webdataset reads fastest.
+    """
+
+    BLOCK, RECORD = 512, 512 * 20
+
+    def __init__(self, f):
+        self.f = f
+        self.offset = 0
+
+    @staticmethod
+    def header(name: str, size: int) -> bytes:
+        raw = name.encode("ascii")
+        if len(raw) > 100 or size >= 8 ** 11:
+            raise ValueError(f"tar member {name!r} of {size} bytes does not fit a plain USTAR header")
+        buf = bytearray(512)
+        buf[0:len(raw)] = raw
+        buf[100:124] = b"0000444\x000000000\x000000000\x00"  # mode, uid, gid
+        buf[124:136] = b"%011o\x00" % size
+        buf[136:148] = b"00000000000\x00"  # mtime 0
+        buf[148:156] = b"        "  # checksum field counts as spaces while summing
+        buf[156:157] = b"0"  # regular file
+        buf[257:265] = b"ustar\x0000"
+        buf[148:156] = b"%06o\x00 " % sum(buf)
+        return bytes(buf)
+
+    def add(self, name: str, data: bytes) -> None:
+        self.f.write(self.header(name, len(data)))
+        self.f.write(data)
+        pad = -len(data) % self.BLOCK
+        if pad:
+            self.f.write(b"\0" * pad)
+        self.offset += self.BLOCK + len(data) + pad
+
+    def close(self) -> None:
+        """End-of-archive (two zero blocks), padded to a whole record as ``tarfile`` does."""
+        self.f.write(b"\0" * (2 * self.BLOCK))
+        self.offset += 2 * self.BLOCK
+        rest = self.offset % self.RECORD
+        if rest:
+            self.f.write(b"\0" * (self.RECORD - rest))
+
+
+def _jsonable(v):
+    if v is None or isinstance(v, (str, int, float, bool)):
+        return v
+    if isinstance(v, (_dt.datetime, _dt.date)):
+        return v.isoformat()
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    return str(v)
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp")
+
+
+class ShardWriter:
+    """One output shard: its tar is written as samples arrive; the rest when it is closed."""
+
+    def __init__(self, data_dir: Path, shard: int, input_start: int, meta_schema: pa.Schema):
+        self.data_dir, self.shard, self.input_start = data_dir, shard, input_start
+        self.meta_schema = meta_schema
+        self.name = f"{shard:08d}"
+        self.tar_path = data_dir / "shards" / f"{self.name}.tar"
+        # a large buffer: a write that fits is a memcpy under the GIL, while each unbuffered
+        # write releases it and waits behind the decoding threads (profiled: ~40 MB/s to /dev/shm)
+        self._file = open(_tmp(self.tar_path), "wb", buffering=1 << 24)
+        self.tar = TarStream(self._file)
+        self.meta_rows: list[dict] = []
+        self.samples: list[dict] = []  # -> shards/S.parquet (img2dataset's per-shard parquet)
+        self.failed: list[dict] = []  # -> failures/S.parquet
+        self.counts = {"success": 0, "failed_to_download": 0, "failed_to_resize": 0, "duplicate": 0}
+        self.t0 = time.time()
+
+    @property
+    def successes(self) -> int:
+        return len(self.meta_rows)
+
+    def add_success(self, meta: dict, img: LoadedImage, extra_json: dict, source_row: int, path: str) -> None:
+        key = f"{self.shard * KEY_BASE + self.successes:012d}"
+        js = {"uid": meta["uid"], "caption": meta["text"], "url": meta["url"], "key": key,
+              "status": "success", "error_message": None, "width": img.width, "height": img.height,
+              "original_width": img.width, "original_height": img.height, "exif": None,
+              "sha256": img.sha256, **extra_json}
+        self.tar.add(f"{key}.{img.ext}", img.data)
+        self.tar.add(f"{key}.txt", meta["text"].encode("utf-8"))
+        self.tar.add(f"{key}.json", json.dumps(js, ensure_ascii=False).encode("utf-8"))
+        self.meta_rows.append(meta)
+        self.samples.append({"key": key, "uid": meta["uid"], "url": meta["url"], "caption": meta["text"],
+                              "status": "success", "error_message": None, "source_row": source_row,
+                              "path": path, "width": img.width, "height": img.height,
+                              "original_width": img.width, "original_height": img.height,
+                              "sha256": img.sha256})
+        self.counts["success"] += 1
+
+    def add_failure(self, status: str, error: str, source_row: int, path: str | None, url: str | None,
+                    caption: str | None, sha256: str | None = None, uid: str | None = None) -> None:
+        self.failed.append({"source_row": source_row, "path": path, "url": url, "caption": caption,
+                            "status": status, "error_message": error, "sha256": sha256, "uid": uid})
+        self.counts[status] += 1
+
+    @property
+    def rows(self) -> int:
+        """Table rows this shard consumed (samples and failures)."""
+        return len(self.samples) + len(self.failed)
+
+    def close(self, input_end: int, final: bool) -> dict:
+        """Write the shard's parquets and stats (stats last: the completion marker)."""
+        self.tar.close()
+        self._file.close()
+        os.replace(_tmp(self.tar_path), self.tar_path)
+        with atomic_path(self.data_dir / "shards" / f"{self.name}.parquet") as tmp:
+            pq.write_table(pa.Table.from_pylist(self.samples, schema=SAMPLE_SCHEMA), tmp)
+        if self.failed:
+            with atomic_path(self.data_dir / FAILURES_DIR / f"{self.name}.parquet") as tmp:
+                pq.write_table(pa.Table.from_pylist(self.failed, schema=FAILURE_SCHEMA), tmp)
+        if self.meta_rows:
+            table = pa.Table.from_pylist(self.meta_rows, schema=self.meta_schema)
+            with atomic_path(self.data_dir / "metadata" / f"{self.name}.parquet") as tmp:
+                pq.write_table(table, tmp)
+        end = time.time()
+        stats = {
+            "count": self.rows, "successes": self.successes,
+            "failed_to_download": self.counts["failed_to_download"],
+            "failed_to_resize": self.counts["failed_to_resize"],
+            "duplicate": self.counts["duplicate"],
+            "duration": round(end - self.t0, 3), "start_time": self.t0, "end_time": end,
+            "status_dict": {k: v for k, v in self.counts.items() if v},
+            # curate's resume record: the half-open range of table rows this shard consumed
+            "input_start": self.input_start, "input_end": input_end, "final": final,
+        }
+        write_json(self.data_dir / "shards" / f"{self.name}_stats.json", stats)
+        return stats
+
+    def abandon(self) -> None:
+        self._file.close()
+        _tmp(self.tar_path).unlink(missing_ok=True)
+
+
+#: img2dataset's per-shard parquet, one row per sample in the tar (key order), plus where it came from.
+SAMPLE_SCHEMA = pa.schema([
+    ("key", pa.string()), ("uid", pa.string()), ("url", pa.string()), ("caption", pa.string()),
+    ("status", pa.string()), ("error_message", pa.string()), ("source_row", pa.int64()),
+    ("path", pa.string()), ("width", pa.int64()), ("height", pa.int64()),
+    ("original_width", pa.int64()), ("original_height", pa.int64()), ("sha256", pa.string()),
+])
+#: Table rows left out of the pool. Kept out of the shard parquet: they are not samples (no key,
+#: often no uid), and tools that read that parquet as "the shard's rows" must not see them.
+FAILURE_SCHEMA = pa.schema([
+    ("source_row", pa.int64()), ("path", pa.string()), ("url", pa.string()), ("caption", pa.string()),
+    ("status", pa.string()), ("error_message", pa.string()), ("sha256", pa.string()), ("uid", pa.string()),
+])
+
+
+# --- the build -----------------------------------------------------------------------------------
+
+
+@dataclass
+class BuildResult:
+    out: Path
+    rows: int = 0  # table rows read (this run and earlier runs)
+    samples: int = 0  # written to the pool
+    shards: int = 0
+    failed: dict = field(default_factory=dict)  # status -> count
+    first_failures: list = field(default_factory=list)  # (source_row, path, status, error)
+    resumed_from_row: int = 0
+    seconds: float = 0.0
+    already_complete: bool = False
+
+
+def _metadata_schema(extra: list[tuple[str, pa.DataType]], with_time: bool) -> pa.Schema:
+    fields = [
+        ("uid", pa.string()), ("url", pa.string()), ("text", pa.string()),
+        ("original_width", pa.int64()), ("original_height", pa.int64()),
+        ("clip_b32_similarity_score", pa.float32()), ("clip_l14_similarity_score", pa.float32()),
+        ("face_bboxes", pa.list_(pa.list_(pa.float64()))), ("sha256", pa.string()),
+    ]
+    fields += extra
+    if with_time:
+        fields.append((TIME_COLUMN, pa.timestamp("us")))
+    return pa.schema(fields)
+
+
+def plan_columns(schema: pa.Schema, image_col: str, caption_col: str, time_col: str | None,
+                 url_col: str | None, keep: list[str] | None, table: Path) -> list[tuple[str, str, pa.DataType]]:
+    """(source name, pool name, type) of the table columns kept as extra pool columns."""
+    names = schema.names
+    for opt, col in (("--image-col", image_col), ("--caption-col", caption_col),
+                     ("--time-col", time_col), ("--url-col", url_col)):
+        if col is not None and col not in names:
+            raise PoolBuildError(f"{table}: {opt} {col!r} is not a column (columns: {', '.join(names)})")
+    if keep is not None:
+        for col in keep:
+            if col not in names:
+                raise PoolBuildError(f"{table}: --columns names {col!r}, which is not a column "
+                                     f"(columns: {', '.join(names)})")
+        chosen = [c for c in names if c in keep]
+    else:
+        chosen = [c for c in names if c not in (caption_col, url_col)]
+    taken = set(POOL_COLUMNS) | {TIME_COLUMN, "file", "row"}
+    out = []
+    for c in chosen:
+        pool_name = c if c not in taken else CLASH_PREFIX + c
+        if pool_name in taken or pool_name in {p for _, p, _ in out}:
+            raise PoolBuildError(f"{table}: column {c!r} clashes with a pool column even as {pool_name!r}")
+        out.append((c, pool_name, schema.field(c).type))
+    return out
+
+
+def _settings(table: Path, image_col, caption_col, time_col, time_format, url_col, image_root, kept) -> dict:
+    st = table.stat()
+    return {
+        "format": POOL_FORMAT,
+        "table": str(table), "table_size": st.st_size, "table_mtime_ns": st.st_mtime_ns,
+        "image_col": image_col, "caption_col": caption_col, "time_col": time_col,
+        "time_format": time_format if time_col else None, "url_col": url_col,
+        "image_root": str(image_root), "columns": [[s, p] for s, p, _ in kept],
+        "time_column": TIME_COLUMN if time_col else None,
+        "uid": UID_DEFINITION, "samples_per_shard": SAMPLES_PER_SHARD,
+    }
+
+
+def _resume_point(data_dir: Path) -> tuple[int, int, list[dict]]:
+    """(next shard, next table row, stats of complete shards); removes partial leftovers."""
+    shards_dir = data_dir / "shards"
+    done: list[dict] = []
+    while True:
+        p = shards_dir / f"{len(done):08d}_stats.json"
+        if not p.is_file():
+            break
+        try:
+            stats = json.loads(p.read_text())
+            int(stats["input_end"])
+        except (ValueError, KeyError, TypeError):
+            raise PoolBuildError(f"{p}: unreadable shard stats; remove the shard's files to rebuild it") from None
+        done.append(stats)
+    nxt = len(done)
+    # outputs of a shard that was being written when the build stopped (ours, never sources)
+    for d in (shards_dir, data_dir / "metadata", data_dir / FAILURES_DIR):
+        for p in d.glob("*"):
+            stem = p.name.lstrip(".").split(".")[0].split("_")[0]
+            if stem.isdigit() and int(stem) >= nxt:
+                p.unlink()
+    return nxt, (done[-1]["input_end"] if done else 0), done
+
+
+def build_pool(
+    table: str | os.PathLike,
+    out: str | os.PathLike,
+    image_col: str,
+    caption_col: str,
+    time_col: str | None = None,
+    time_format: str = "auto",
+    url_col: str | None = None,
+    image_root: str | os.PathLike | None = None,
+    columns: list[str] | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+) -> BuildResult:
+    """Turn ``table`` + its image files into a CommonPool-format pool under ``out``.
+
+    Relative image paths are resolved against ``image_root`` (default: the table's directory).
+    ``columns`` limits the extra columns kept (default: all but the caption and url columns).
+    Re-running with the same arguments resumes an interrupted build.
+    """
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    table = Path(table).resolve()
+    out = Path(out)
+    if time_format not in TIME_FORMATS:
+        raise PoolBuildError(f"time format {time_format!r} is not one of {', '.join(TIME_FORMATS)}")
+    schema = table_schema(table)
+    kept = plan_columns(schema, image_col, caption_col, time_col, url_col, columns, table)
+    image_root = Path(image_root).resolve() if image_root else table.parent
+    settings = _settings(table, image_col, caption_col, time_col, time_format, url_col, image_root, kept)
+
+    manifest = out / "pool.json"
+    if manifest.is_file():
+        try:
+            previous = json.loads(manifest.read_text())
+        except ValueError:
+            raise PoolBuildError(f"{manifest}: unreadable; remove {out} to rebuild") from None
+        if previous.get("settings") != settings:
+            diff = sorted(k for k in settings if previous.get("settings", {}).get(k) != settings[k])
+            raise PoolBuildError(f"{out}: holds a pool built with other settings or from a changed table "
+                                 f"({', '.join(diff)} differ); use another --out or remove it")
+    elif out.exists() and any(p.name != SOURCE_DIR for p in out.iterdir()):
+        raise PoolBuildError(f"{out}: exists and is not empty (not a pool this command started)")
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    (out / "metadata").mkdir(parents=True, exist_ok=True)
+
+    shard, start_row, done = _resume_point(out)
+    result = BuildResult(out=out, resumed_from_row=start_row)
+    for st in done:
+        for k in ("failed_to_download", "failed_to_resize", "duplicate"):
+            result.failed[k] = result.failed.get(k, 0) + st.get(k, 0)
+        result.samples += st["successes"]
+    if done and done[-1].get("final"):
+        result.rows, result.shards, result.already_complete = done[-1]["input_end"], len(done), True
+        result.seconds = time.perf_counter() - t0
+        return _check_not_empty(result, table)
+    write_json(manifest, {"settings": settings, "complete": False})
+
+    seen = UidSet()
+    for i in range(shard):
+        p = out / "metadata" / f"{i:08d}.parquet"
+        if p.is_file():
+            seen.add(pq.read_table(p, columns=["uid"]).column("uid").to_pylist())
+
+    meta_schema = _metadata_schema([(p, t) for _, p, t in kept], time_col is not None)
+    writer = ShardWriter(out, shard, start_row, meta_schema)
+    pending: dict[str, int] = {}  # uid -> source row, for duplicates inside the open shard
+    total = pq.ParquetFile(table).metadata.num_rows if table.suffix.lower() == ".parquet" else None
+    bar = tqdm(total=total, initial=start_row, unit="row", desc="pool", disable=not progress)
+    row = start_row
+    try:
+        n_workers = workers or min(8, (os.cpu_count() or 1) + 2)
+        with ThreadPoolExecutor(max_workers=n_workers) as pool:
+            for first, batch in iter_table(table, schema, start_row):
+                cols = {name: batch.column(name).to_pylist() for name in batch.schema.names}
+                paths = cols[image_col]
+                resolved = [None if not p else (Path(p) if os.path.isabs(p) else image_root / p)
+                            for p in map(_as_path_text, paths)]
+                loaded = _bounded_map(pool, _load_or_none, resolved, ahead=4 * n_workers)
+                for i, img in enumerate(loaded):
+                    row = first + i
+                    path_text = _as_path_text(paths[i])
+                    caption = cols[caption_col][i]
+                    caption = "" if caption is None else str(caption)
+                    url = str(cols[url_col][i]) if url_col and cols[url_col][i] is not None else path_text
+                    when = None
+                    if time_col is not None:
+                        try:
+                            when = parse_time(cols[time_col][i], time_format)
+                        except (ValueError, OverflowError, TypeError) as e:
+                            raise PoolBuildError(
+                                f"{table}: row {row}, column {time_col!r}: value "
+                                f"{cols[time_col][i]!r} is not a time ({time_format}: {e})") from None
+                    if img is None:
+                        writer.add_failure("failed_to_download", "empty image path", row, path_text, url, caption)
+                        _note(result, row, path_text, "failed_to_download", "empty image path")
+                        continue
+                    if img.status != "success":
+                        writer.add_failure(img.status, img.error, row, path_text, url, caption, img.sha256 or None)
+                        _note(result, row, path_text, img.status, img.error)
+                        continue
+                    uid = sample_uid(img.sha256, caption)
+                    if uid in pending or uid in seen:
+                        first_row = pending.get(uid)
+                        msg = (f"same image bytes and caption as table row {first_row}" if first_row is not None
+                               else "same image bytes and caption as an earlier row (uid already in the pool)")
+                        writer.add_failure("duplicate", msg, row, path_text, url, caption, img.sha256, uid)
+                        _note(result, row, path_text, "duplicate", msg)
+                        continue
+                    pending[uid] = row
+                    meta = {"uid": uid, "url": url, "text": caption, "original_width": img.width,
+                            "original_height": img.height, "clip_b32_similarity_score": None,
+                            "clip_l14_similarity_score": None, "face_bboxes": None, "sha256": img.sha256}
+                    extra_json = {}
+                    for src, name, _ in kept:
+                        meta[name] = cols[src][i]
+                        extra_json[name] = _jsonable(cols[src][i])
+                    if time_col is not None:
+                        meta[TIME_COLUMN] = when
+                        extra_json[TIME_COLUMN] = when.isoformat()
+                    writer.add_success(meta, img, extra_json, row, path_text)
+                    if writer.successes == SAMPLES_PER_SHARD:
+                        writer.close(row + 1, final=False)
+                        seen.add(list(pending))
+                        pending.clear()
+                        result.shards = writer.shard + 1
+                        writer = ShardWriter(out, writer.shard + 1, row + 1, meta_schema)
+                bar.update(batch.num_rows)
+                row = first + batch.num_rows
+        if writer.rows or writer.shard == 0:
+            writer.close(row, final=True)
+            result.shards = writer.shard + 1
+        else:  # input ended exactly at a full shard: mark that one as the last
+            writer.abandon()
+            last = out / "shards" / f"{writer.shard - 1:08d}_stats.json"
+            stats = json.loads(last.read_text())
+            write_json(last, {**stats, "final": True})
+            result.shards = writer.shard
+    except BaseException:
+        writer.abandon()
+        raise
+    finally:
+        bar.close()
+
+    all_stats = [json.loads((out / "shards" / f"{i:08d}_stats.json").read_text()) for i in range(result.shards)]
+    result.rows = all_stats[-1]["input_end"]
+    result.samples = sum(s["successes"] for s in all_stats)
+    result.failed = {k: sum(s.get(k, 0) for s in all_stats)
+                     for k in ("failed_to_download", "failed_to_resize", "duplicate")}
+    result.seconds = time.perf_counter() - t0
+    write_json(manifest, {"settings": settings, "complete": True, "rows": result.rows,
+                          "samples": result.samples, "shards": result.shards, "failed": result.failed})
+    return _check_not_empty(result, table)
+
+
+def _check_not_empty(result: BuildResult, table: Path) -> BuildResult:
+    if result.samples == 0:
+        raise PoolBuildError(f"{table}: no image could be read ({result.rows} rows, failures: "
+                             f"{result.failed}); see {result.out / FAILURES_DIR}/*.parquet")
+    return result
+
+
+def _load_or_none(path: Path | None) -> LoadedImage | None:
+    return load_image(path) if path is not None else None
+
+
+def _bounded_map(pool: ThreadPoolExecutor, fn, items, ahead: int):
+    """``pool.map`` in order, but with at most ``ahead`` images in flight: ``map`` would submit
+    the whole batch and hold every file's bytes at once (GBs for full-size photos)."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _as_path_text(p) -> str | None:
+    return None if p is None else str(p)
+
+
+def _note(result: BuildResult, row: int, path, status: str, error: str) -> None:
+    if len(result.first_failures) < 20:
+        result.first_failures.append((row, path, status, error))
+
+
+def failures(data_dir: str | os.PathLike) -> pa.Table:
+    """Every table row left out of the pool (``failures/*.parquet``), in table order."""
+    files = sorted((Path(data_dir) / FAILURES_DIR).glob("[0-9]*[0-9].parquet"))
+    if not files:
+        return FAILURE_SCHEMA.empty_table()
+    return pa.concat_tables([pq.read_table(f, schema=FAILURE_SCHEMA) for f in files])

@@ -1,0 +1,1 @@
+"""Training with open_clip's own trainer at DataComp's fixed scales."""
