@@ -1,1 +1,183 @@
-"""Where work runs: one ``map_tasks`` seam over in-process, process-pool and Ray execution."""
+"""Where work runs: one seam, chosen once from options, that steps never branch on.
+
+A step that does independent pieces of work (a pool file, an output shard, a stale feature
+file) describes each piece as a tuple of arguments to a module-level function and hands the
+list to :func:`map_tasks`; the :class:`Engine` it was given decides where they run:
+
+* ``Engine()`` (local, ``workers`` 1): in this process, one after another;
+* ``Engine(workers=N)``: a pool of ``N`` local processes (``start`` = ``"fork"`` or ``"spawn"``,
+  the step's choice: spawn for work that must not inherit DuckDB/model state);
+* ``Engine(kind="ray", address=...)``: Ray tasks (:mod:`curate.engine.ray`), retried when a
+  worker dies, a :class:`~curate.errors.CurateError` re-raised on the driver as itself.
+
+Results come back in task order whatever the engine, and tasks write their outputs atomically,
+so a retried or re-run task gives the same bytes: a killed run resumes by skipping finished
+outputs (the step's own check, e.g. "this pool file's parquet exists and is current").
+
+The command line builds the engine once (:func:`curate.cli.options.engine_options`); library
+callers pass ``Engine(...)`` or nothing. Steps that run one global query instead of tasks (the
+local filter runner) ask :attr:`Engine.distributed` once, in one place.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Sequence
+
+from tqdm import tqdm
+
+from curate.engine import ray as ray_engine
+from curate.engine.ray import EngineError
+
+KINDS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class Engine:
+    """Where a step's tasks run. ``workers`` is the number of local processes (None: the
+    step's default); ``address``/``num_cpus``/``max_in_flight`` are Ray's."""
+
+    kind: str = "local"
+    workers: int | None = None
+    address: str | None = None
+    num_cpus: int | None = None
+    max_in_flight: int | None = None
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise EngineError(f"--engine {self.kind}: unknown engine (one of {', '.join(KINDS)})")
+        if self.address and self.kind != "ray":
+            raise EngineError("--ray-address needs --engine ray")
+        if self.workers is not None and self.workers < 1:
+            raise EngineError(f"--workers {self.workers}: must be at least 1")
+
+    @property
+    def distributed(self) -> bool:
+        """True when tasks run on a cluster (outputs must be on storage every worker sees)."""
+        return self.kind == "ray"
+
+    def with_workers(self, workers: int | None) -> "Engine":
+        """This engine with a default worker count filled in (an explicit one is kept)."""
+        if self.workers is not None or workers is None:
+            return self
+        return Engine(self.kind, workers, self.address, self.num_cpus, self.max_in_flight)
+
+    def start(self) -> None:
+        """Connect to the cluster now (a bad address fails before any work); no-op locally."""
+        if self.kind == "ray":
+            ray_engine.connect_ray(self.address, self.num_cpus)
+
+
+LOCAL = Engine()
+
+
+def as_engine(engine: Engine | str | None, *, workers: int | None = None, address: str | None = None) -> Engine:
+    """An :class:`Engine` from what a caller passed: an Engine, a kind name, or None (local)."""
+    if isinstance(engine, Engine):
+        return engine.with_workers(workers)
+    return Engine(engine or "local", workers=workers, address=address)
+
+
+# set in each local worker process: where it sends unit progress (see map_tasks(units=True))
+_UNITS = None
+
+
+def _init_worker(q) -> None:
+    global _UNITS
+    _UNITS = q
+
+
+def _call_with_units(fn, args):
+    q = _UNITS
+    return fn(*args, progress=(lambda k: q.put(k)) if q is not None else None)
+
+
+def _call(fn, args):
+    return fn(*args)
+
+
+def _drain(q, bar) -> None:
+    while True:
+        try:
+            bar.update(q.get_nowait())
+        except queue.Empty:
+            return
+
+
+def map_tasks(fn: Callable, tasks: Iterable[Sequence], engine: Engine | None = None, *, desc: str = "tasks",
+              progress: bool = False, unit: str = "task", total: int | None = None,
+              sizes: Sequence[int] | None = None, units: bool = False, start: str = "spawn") -> Iterator:
+    """Yield ``fn(*task)`` for every task, in task order, run where ``engine`` says.
+
+    ``fn`` must be a module-level function (it may be pickled to another process or node).
+    Progress: one bar named ``desc``; it counts tasks, or ``sizes[i]`` per finished task (with
+    ``unit``/``total``), or, with ``units=True``, what ``fn`` reports through the ``progress``
+    callable it is given as a keyword (rows, captions; locally only, Ray counts ``sizes``).
+    ``start`` is the local process start method ("spawn" or "fork").
+    """
+    engine = engine or LOCAL
+    items = [tuple(t) for t in tasks]
+    weights = list(sizes) if sizes is not None else [1] * len(items)
+    if total is None:
+        total = sum(weights)
+    bar = tqdm(total=total, desc=desc, unit=unit, disable=not progress, smoothing=0.05)
+    try:
+        if not items:
+            return
+        if engine.kind == "ray":
+            yield from _ray(fn, items, engine, bar, weights, desc)
+        elif (engine.workers or 1) > 1 and len(items) > 1:
+            yield from _processes(fn, items, min(engine.workers, len(items)), bar, weights, units, start)
+        else:
+            for w, args in zip(weights, items):
+                if units:
+                    r = fn(*args, progress=bar.update)
+                else:
+                    r = fn(*args)
+                    bar.update(w)
+                yield r
+    finally:
+        bar.close()
+
+
+def _ray(fn, items, engine: Engine, bar, weights, desc) -> Iterator:
+    engine.start()
+    for w, r in zip(weights, ray_engine.ray_imap(fn, items, desc=desc, max_in_flight=engine.max_in_flight)):
+        bar.update(w)
+        yield r
+
+
+def _processes(fn, items, workers: int, bar, weights, units: bool, start: str) -> Iterator:
+    if start == "fork" and "fork" not in mp.get_all_start_methods():
+        start = "spawn"
+    ctx = mp.get_context(start)
+    q = ctx.Queue() if units else None
+    call = _call_with_units if units else _call
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(q,)) as ex:
+        futures = [None] * len(items)
+        nxt = 0
+        limit = workers * 2  # bounded look-ahead: results are yielded in order
+        try:
+            for i in range(len(items)):
+                while nxt < len(items) and nxt - i < limit:
+                    futures[nxt] = ex.submit(call, fn, items[nxt])
+                    nxt += 1
+                fut = futures[i]
+                while units and not fut.done():
+                    wait([fut], timeout=0.2, return_when=FIRST_COMPLETED)
+                    _drain(q, bar)
+                r = fut.result()  # re-raises a worker's CurateError here
+                futures[i] = None
+                if units:
+                    _drain(q, bar)
+                else:
+                    bar.update(weights[i])
+                yield r
+        except BaseException:
+            for f in futures:
+                if f is not None:
+                    f.cancel()
+            raise

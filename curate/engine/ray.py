@@ -26,7 +26,7 @@ from curate.errors import CurateError
 
 
 class EngineError(CurateError):
-    """Ray is missing or the cluster cannot be reached."""
+    """Engine options that do not go together, Ray missing, or a cluster that cannot be reached."""
 
 
 def _ray():
