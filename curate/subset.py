@@ -12,6 +12,7 @@ write permission on an input.
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +26,47 @@ from curate.errors import CurateError
 from curate.uids import SUBSET_DTYPE, pairs_to_hex_array, to_records
 
 NPY_MAGIC = b"\x93NUMPY"
+NPY_HEADER_LEN = 128  # what np.save writes for a 1-d u8,u8 array below 10**40 records
 CHUNK = 1 << 22  # records per chunk when streaming (64 MiB)
 
 
 class BadSubset(CurateError):
     """A subset file that is unreadable, wrongly typed or unsorted."""
+
+
+def npy_header(count: int) -> bytes:
+    """The exact header ``np.save`` writes for a 1-D ``u8,u8`` array of ``count`` records
+    (:data:`NPY_HEADER_LEN` bytes): the one place a subset header is made."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": np.lib.format.dtype_to_descr(SUBSET_DTYPE), "fortran_order": False, "shape": (count,)})
+    head = buf.getvalue()
+    if len(head) != NPY_HEADER_LEN:  # cannot happen below 10**40 records; guards placeholder headers
+        raise AssertionError(f"npy header of {len(head)} bytes")
+    return head
+
+
+def read_array_header(f) -> tuple[tuple, bool, np.dtype]:
+    """``(shape, fortran_order, dtype)`` of the .npy stream ``f`` (positioned at its start), for
+    format versions 1.0 and 2.0; never unpickles. ``ValueError`` for anything else."""
+    version = np.lib.format.read_magic(f)
+    reader = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    if version not in reader:
+        raise ValueError(f"unsupported .npy version {version}")
+    return reader[version](f)
+
+
+def read_subset_header(f, origin: str) -> int:
+    """Read a subset ``.npy`` header from a stream positioned at its start; return the record
+    count. :class:`BadSubset` names ``origin`` when it is not a 1-D ``u8,u8`` array."""
+    try:
+        shape, fortran, dtype = read_array_header(f)
+    except Exception as e:  # noqa: BLE001 - any malformed header is the user's file
+        raise BadSubset(f"{origin}: not a .npy uid file ({e})") from None
+    if dtype != SUBSET_DTYPE or len(shape) != 1 or fortran:
+        raise BadSubset(f"{origin}: dtype {dtype.descr} shape {shape} is not a uid file "
+                        f"([('f0','<u8'),('f1','<u8')], one-dimensional)")
+    return int(shape[0])
 
 
 def write_subset(path: str | os.PathLike, hi: np.ndarray, lo: np.ndarray) -> Path:
