@@ -235,11 +235,3 @@ def dedup_cmd(catalog, cluster_set, threshold, key, name):
     click.echo(f"near_duplicates[{r['dedup_set']}]: {r['in_groups']:,} samples in duplicate groups, "
                f"{r['drop']:,} to drop (keep = first in pool order) in {r['seconds']}s")
     click.echo(f"wrote {r['dir']}")
-
-
-def register(main) -> None:
-    from curate.cli.features import features
-
-    main.add_command(clusters_group)
-    main.add_command(embeddings_group)
-    features.add_command(features_clusters_cmd)

@@ -43,7 +43,3 @@ def demo_cmd(out, seeds, samples_seen, scorer_samples_seen, renders_per_emoji, m
     res = run_demo(cfg, say=click.echo, echo=(lambda ln: click.echo(ln, err=True)) if verbose else None)
     click.echo(res.table)
     click.echo(f"wrote {res.out / 'results.md'} and {res.out / 'results.json'} in {time.perf_counter() - t0:.0f}s")
-
-
-def register(main) -> None:
-    main.add_command(demo_cmd)

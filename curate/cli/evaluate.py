@@ -113,13 +113,3 @@ def export_winogavil_cmd(data_dir, source, split, shard_size):
     out = Path(data_dir) / "wds_misc-winogavil_test"
     n = export_winogavil(winogavil_rows_from_hf(source, split), out, shard_size=shard_size)
     click.echo(f"wrote {n:,} WinoGAViL instances to {out}")
-
-
-def register(main) -> None:
-    main.add_command(eval_cmd)
-    main.add_command(export_winogavil_cmd)
-    try:
-        from curate.cli.tic import tic
-    except ImportError:
-        return
-    tic.add_command(tic_matrix_cmd)

@@ -108,5 +108,6 @@ def cld3_cmd(catalog, workers, force, engine, ray_address):
     click.echo(f"CLD3 {res.settings['cld3']['package']}, view {VIEW} registered in {catalog}, {res.elapsed:.1f}s")
 
 
-def register(main) -> None:
-    main.add_command(features)
+from curate.cli.clusters import features_clusters_cmd  # noqa: E402  (temporary wiring)
+
+features.add_command(features_clusters_cmd)

@@ -1,25 +1,58 @@
-"""The ``curate`` command line: thin click commands over the library.
+"""The ``curate`` command line: the top-level group and the table of its commands.
 
 Every command prints what it did (counts, paths, time). Errors caused by input are
 :class:`curate.errors.CurateError` and end as one ``error: ...`` line with exit status 1.
-Other command groups (features, reshard, tic, ...) register themselves in ``COMMAND_MODULES``.
+
+Each command group lives in one module of this package that owns the whole group; the table
+below names them, and a group's module is imported only when that command runs (so
+``curate run`` does not pay for torch, img2dataset or sqlglot).
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
-import time
-from pathlib import Path
 
 import click
 
-from curate.cli.ray import engine_options
-
 from curate.errors import CurateError
+
+#: command name -> "module:attribute" of its click command or group
+COMMANDS: dict[str, str] = {
+    "run": "curate.cli.run:run_cmd",
+    "lint": "curate.cli.run:lint_cmd",
+    "catalog": "curate.cli.catalog:catalog_group",
+    "subset": "curate.cli.catalog:subset_group",
+    "sample-pool": "curate.cli.catalog:sample_pool_cmd",
+    "download": "curate.cli.download:download_cmd",
+    "download-status": "curate.cli.download:download_status_cmd",
+    "byod": "curate.cli.download:byod_group",
+    "pool": "curate.cli.pool:pool_group",
+    "features": "curate.cli.features:features",
+    "clusters": "curate.cli.clusters:clusters_group",
+    "embeddings": "curate.cli.clusters:embeddings_group",
+    "reshard": "curate.cli.shards:reshard_cmd",
+    "shards": "curate.cli.shards:shards_group",
+    "train": "curate.cli.train:train_cmd",
+    "eval": "curate.cli.evaluate:eval_cmd",
+    "eval-export-winogavil": "curate.cli.evaluate:export_winogavil_cmd",
+    "tic": "curate.cli.tic:tic",
+    "ray": "curate.cli.ray:ray_group",
+    "demo": "curate.cli.demo:demo_cmd",
+}
 
 
 class CurateGroup(click.Group):
+    """The top-level group: commands from :data:`COMMANDS`, ``CurateError`` as one line."""
+
+    def list_commands(self, ctx):
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        module, attr = COMMANDS[name].split(":")
+        return getattr(importlib.import_module(module), attr)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -37,225 +70,6 @@ def main():
     Example:
       curate run filters/clip_score_l14_30pct.sql --set fraction=0.2
     """
-
-
-catalog_option = click.option(
-    "--catalog", "-c", type=click.Path(dir_okay=False, path_type=Path), default=None,
-    help="Catalog file (default: $CURATE_CATALOG or the bundled catalog.duckdb.example).")
-
-
-@main.command("run")
-@click.argument("filter_file", type=click.Path(dir_okay=False, path_type=Path))
-@catalog_option
-@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Subset file to write (default: subsets/FILTER.npy); a .json manifest goes beside it.")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-              help="Override a parameter the filter declares with SET VARIABLE (repeatable).")
-@engine_options("one DuckDB task per pool file")
-def run_cmd(filter_file, catalog, out, sets, engine, ray_address):
-    """Run a SQL filter and write a DataComp subset file (sorted u8,u8 .npy).
-
-    \b
-    Example:
-      curate run filters/clip_score_l14_30pct.sql --set fraction=0.1 -o subsets/l14_10pct.npy
-    """
-    from curate.run.runner import parse_sets, run_filter
-
-    if ray_address and engine != "ray":
-        raise CurateError("--ray-address needs --engine ray")
-    if engine == "ray":
-        from curate.run.ray import run_filter_ray
-
-        res = run_filter_ray(filter_file, catalog=catalog, out=out, sets=parse_sets(sets),
-                             progress=sys.stderr.isatty(), address=ray_address)
-    else:
-        res = run_filter(filter_file, catalog=catalog, out=out, sets=parse_sets(sets),
-                         progress=sys.stderr.isatty())
-    pct = 100.0 * res.count / res.pool_rows if res.pool_rows else 0.0
-    params = ", ".join([f"{k}={v}" for k, v in res.params.items()]
-                       + [f"threshold={'NaN' if t['threshold'] is None else format(t['threshold'], '.9g')}"
-                          for t in res.thresholds])
-    click.echo(f"{filter_file}: kept {res.count:,} of {res.pool_rows:,} samples ({pct:.2f}%), "
-               f"{res.distinct:,} distinct uids" + (f" [{params}]" if params else ""))
-    click.echo(f"wrote {res.out} and {res.manifest} in {res.elapsed:.2f}s")
-
-
-@main.command("lint")
-@click.argument("filter_file", type=click.Path(dir_okay=False, path_type=Path))
-@catalog_option
-def lint_cmd(filter_file, catalog):
-    """Check a filter against the catalog schema without running it.
-
-    \b
-    Example:
-      curate lint filters/laion2b.sql
-    """
-    from curate.run.lint import lint_filter
-
-    rep = lint_filter(filter_file, catalog)
-    for err in rep.errors:
-        click.echo(f"error: {err}", err=True)
-    for note in rep.notes:
-        click.echo(f"note: {note}")
-    if rep.ok:
-        click.echo(f"{filter_file}: ok; reads {', '.join(rep.tables) or 'no table'}; "
-                   f"functions: {', '.join(rep.functions) or 'none'}; "
-                   f"parameters: {', '.join(f'{k}={v}' for k, v in rep.params.items()) or 'none'}")
-    else:
-        sys.exit(1)
-
-
-@main.group("catalog")
-def catalog_group():
-    """Create and inspect pool catalogs."""
-
-
-@catalog_group.command("init")
-@click.argument("catalog", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--pool", type=click.Path(file_okay=False, path_type=Path), help="DataComp data dir (metadata/, shards/).")
-@click.option("--metadata", type=click.Path(file_okay=False, path_type=Path), help="Metadata dir (default POOL/metadata).")
-@click.option("--shards", type=click.Path(file_okay=False, path_type=Path), help="Shards dir (default POOL/shards).")
-@click.option("--relative", is_flag=True, help="Store paths relative to the catalog (for catalogs shipped with their data).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing catalog file.")
-def catalog_init(catalog, pool, metadata, shards, relative, overwrite):
-    """Create CATALOG over a DataComp pool.
-
-    \b
-    Example:
-      curate catalog init small.duckdb --pool /data/datacomp_small
-    """
-    from curate.catalog.connection import connect, init_catalog
-
-    t0 = time.perf_counter()
-    path = init_catalog(catalog, pool=pool, metadata=metadata, shards=shards, relative=relative, overwrite=overwrite)
-    con = connect(path)
-    n, files, npz = con.execute("SELECT sum(num_rows), count(*), count(npz) FROM pool_files").fetchone()
-    con.close()
-    click.echo(f"wrote {path}: {n:,} samples in {files} parquet files ({npz} with .npz) "
-               f"in {time.perf_counter() - t0:.2f}s")
-
-
-@catalog_group.command("info")
-@click.argument("catalog", type=click.Path(dir_okay=False, path_type=Path), required=False)
-def catalog_info(catalog):
-    """Show what a catalog holds (pool size, paths, views and tables).
-
-    \b
-    Example:
-      curate catalog info small.duckdb
-    """
-    from curate.catalog.connection import connect, default_catalog, describe_catalog
-
-    con = connect(catalog)
-    d = describe_catalog(con)
-    click.echo(f"catalog: {catalog or default_catalog()}")
-    click.echo(f"pool:    {d['rows']:,} samples in {d['files']} files")
-    for k, v in sorted(d["meta"].items()):
-        click.echo(f"  {k}: {v}")
-    for name, kind in d["objects"]:
-        click.echo(f"  {kind.lower():<10} {name}")
-
-
-@catalog_group.command("example")
-def catalog_example():
-    """Regenerate the bundled sample pool (data/sample_pool) and catalog.duckdb.example.
-
-    Deterministic: the same code gives the same pool (a test checks the committed copy).
-
-    \b
-    Example:
-      curate catalog example && git status data/ catalog.duckdb.example
-    """
-    from curate.demo.example import build_example
-
-    path = build_example()
-    click.echo(f"wrote {path}")
-
-
-@main.group("subset")
-def subset_group():
-    """Inspect and convert subset files."""
-
-
-@subset_group.command("info")
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-def subset_info_cmd(file):
-    """Count, distinct uids, duplicates, order and dtype of a subset file.
-
-    \b
-    Example:
-      curate subset info subsets/no_filter.npy
-    """
-    from curate.subset import subset_info
-
-    if not file.is_file():
-        raise CurateError(f"{file}: subset file not found")
-    info = subset_info(file)
-    for line in info.lines():
-        click.echo(line)
-    if not (info.sorted and info.dtype_ok):
-        sys.exit(1)
-
-
-@subset_group.command("to-parquet")
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
-def subset_to_parquet_cmd(file, out):
-    """Write a subset as parquet with a hex `uid` column (readable from the DuckDB shell).
-
-    \b
-    Example:
-      curate subset to-parquet subsets/no_filter.npy no_filter.parquet
-    """
-    from curate.subset import subset_to_parquet
-
-    n = subset_to_parquet(file, out)
-    click.echo(f"wrote {out}: {n:,} uids")
-
-
-@main.command("sample-pool")
-@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--files", default=2, show_default=True, help="Number of parquet files.")
-@click.option("--rows-per-file", default=1000, show_default=True)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--npz/--no-npz", default=True, show_default=True, help="Write .npz embeddings.")
-@click.option("--shards/--no-shards", default=True, show_default=True, help="Write img2dataset-layout shards.")
-@click.option("--fast", is_flag=True, help="Vectorised captions (for large benchmark pools).")
-def sample_pool_cmd(out, files, rows_per_file, seed, npz, shards, fast):
-    """Generate a CommonPool-format pool (for tests and benchmarks).
-
-    \b
-    Example:
-      curate sample-pool /tmp/pool10m --files 10 --rows-per-file 1000000 --no-npz --no-shards --fast
-    """
-    from tqdm import tqdm
-
-    from curate.pool.sample import generate_pool
-
-    t0 = time.perf_counter()
-    generate_pool(out, files=files, rows_per_file=rows_per_file, seed=seed, npz=npz, shards=shards,
-                  fast=fast, progress=lambda it: tqdm(it, desc="files", unit="file"))
-    click.echo(f"wrote {out}: {files * rows_per_file:,} samples in {files} files "
-               f"in {time.perf_counter() - t0:.1f}s")
-
-
-# Command groups that live in their own modules; each module defines click commands and a
-# `register(main)` function.
-COMMAND_MODULES: list[str] = [
-    "curate.cli.download",
-    "curate.cli.features",
-    "curate.cli.clusters",
-    "curate.cli.shards",
-    "curate.cli.tic",
-    "curate.cli.pool",
-    "curate.cli.ray",
-    "curate.cli.train",
-    "curate.cli.evaluate",
-    "curate.cli.demo",
-]
-
-for _name in COMMAND_MODULES:
-    importlib.import_module(_name).register(main)
 
 
 if __name__ == "__main__":

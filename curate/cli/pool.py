@@ -238,7 +238,3 @@ def export_splits_cmd(catalog, out):
     for period, s in sizes.items():
         click.echo(f"  {period}: train {s['train']:,}, test {s['test']:,}")
     click.echo(f"wrote {out}: {2 * len(sizes)} subset files in {time.perf_counter() - t0:.1f}s")
-
-
-def register(main: click.Group) -> None:
-    main.add_command(pool_group)

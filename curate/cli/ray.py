@@ -166,7 +166,3 @@ def ray_features_text(catalog, lid_model, force, ray_address, num_cpus):
                                   address=ray_address, num_cpus=num_cpus)
     click.echo(f"text_features: computed {len(res.computed)} file(s) ({res.rows_computed:,} captions), "
                f"{len(res.skipped)} up to date, in {res.elapsed:.1f}s -> {res.out_dir}")
-
-
-def register(main):
-    main.add_command(ray_group)

@@ -127,13 +127,3 @@ def shards_verify_cmd(directory, inputs, catalog):
                f"({time.perf_counter() - t0:.2f}s)")
     if not rep.ok:
         sys.exit(1)
-
-
-def register(main: click.Group) -> None:
-    main.add_command(reshard_cmd)
-    existing = main.commands.get("shards")
-    if existing is None:
-        main.add_command(shards_group)
-    else:  # another module made the group first: attach our commands to it
-        for name, cmd in shards_group.commands.items():
-            existing.add_command(cmd, name)

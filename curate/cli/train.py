@@ -92,13 +92,3 @@ def tic_train_cmd(plan, root, workers, precision, num_checkpoints, threads, only
                     say=click.echo)
     click.echo(f"{plan}: {sum(1 for d in done if d['status'] == 'trained')} steps trained, "
                f"{sum(1 for d in done if d['status'] == 'skipped')} already done, in {time.perf_counter() - t0:.1f}s")
-
-
-def register(main) -> None:
-    main.add_command(train_cmd)
-    try:
-        from curate.cli.tic import tic
-    except ImportError:  # the TiC group is optional; `curate train` works without it
-        print("curate: TiC commands unavailable", file=sys.stderr)
-        return
-    tic.add_command(tic_train_cmd)

@@ -89,8 +89,8 @@ def _commands(cmd, path=()):
     import click
 
     if isinstance(cmd, click.Group):
-        for name, sub in cmd.commands.items():
-            yield from _commands(sub, (*path, name))
+        for name in cmd.list_commands(None):  # the top-level group loads its commands lazily
+            yield from _commands(cmd.get_command(None, name), (*path, name))
     else:
         yield path
 
