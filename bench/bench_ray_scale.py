@@ -45,6 +45,7 @@ def main():
     import duckdb
 
     from curate.catalog.connection import connect, init_catalog
+    from curate.engine import Engine
     from curate.engine.ray import connect_ray
     from curate.run.ray import run_filter_ray
     from curate.run.ray_threshold import PASSES
@@ -75,7 +76,8 @@ def main():
         for w in [int(x) for x in args.workers.split(",")]:
             out = tmp / f"ray{w}.npy"
             t = time.perf_counter()
-            run_filter_ray(FILTER, catalog=cat, out=out, max_in_flight=w, bucket_records=1 << 20, keep_work=True)
+            run_filter_ray(FILTER, catalog=cat, out=out, engine=Engine("ray", max_in_flight=w), bucket_records=1 << 20,
+                           keep_work=True)
             total = time.perf_counter() - t
             e = json.loads(out.with_suffix(".json").read_text())["engine"]
             task_s = sum(json.loads(p.read_text())["seconds"] for p in Path(e["work_dir"]).glob("part-*.json"))

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from curate.engine import Engine
 from curate.shards.reshard import reshard
 from curate.shards.index import build_index, index_catalog
 from curate.subset import write_subset
@@ -208,7 +209,7 @@ def main():
             shutil.rmtree(tmp / d, ignore_errors=True)
         n_naive, t = timed(lambda: naive(tars, sub, tmp / "naive", shard_size=a.shard_size))
         t_naive = min(t_naive, t)
-        res, t = timed(lambda: reshard(pool, tmp / "ours", sub, workers=2, catalog=cat, shard_size=a.shard_size))
+        res, t = timed(lambda: reshard(pool, tmp / "ours", sub, engine=Engine(workers=2), catalog=cat, shard_size=a.shard_size))
         t_ours = min(t_ours, t)
         n_raw, t = timed(lambda: raw_copy(pool, index, mask, tmp / "raw"))
         t_raw = min(t_raw, t)
@@ -229,7 +230,7 @@ def main():
     shi, slo = sort_pairs(hi[rows], lo[rows])
     sparse = write_subset(tmp / "sparse.npy", shi, slo)
     shutil.rmtree(tmp / "sparse", ignore_errors=True)
-    res2, t2 = timed(lambda: reshard(pool, tmp / "sparse", sparse, workers=2, catalog=cat))
+    res2, t2 = timed(lambda: reshard(pool, tmp / "sparse", sparse, engine=Engine(workers=2), catalog=cat))
     print(f"1% subset in 2 shards: {res2.output_count:,} samples in {t2:.2f}s; read {res2.input_shards_read} "
           f"of {res2.input_shards_total} shards, {res2.bytes_read / 1e6:,.1f} of {res2.bytes_total / 1e6:,.0f} MB "
           f"({100 * res2.bytes_read / res2.bytes_total:.2f}%); the naive way reads 100%")
@@ -241,8 +242,9 @@ def main():
     shutil.rmtree(tmp / "rss", ignore_errors=True)
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child started by this
     # (torch-importing) process would report this process's peak
-    code = ("import resource, sys; from curate.shards.reshard import reshard; "
-            "reshard(sys.argv[1], sys.argv[2], sys.argv[3], workers=2, catalog=sys.argv[4], shard_size=int(sys.argv[5])); "
+    code = ("import resource, sys; from curate.engine import Engine; from curate.shards.reshard import reshard; "
+            "reshard(sys.argv[1], sys.argv[2], sys.argv[3], engine=Engine(workers=2), catalog=sys.argv[4], "
+            "shard_size=int(sys.argv[5])); "
             "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]; "
             "print(hwm, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
     def rss(pool_dir, subset_file, catalog):

@@ -39,6 +39,7 @@ from curate.features.langid import Cld3LID, FastTextLID, bundled_lid_model  # no
 from curate.run.runner import run_filter  # noqa: E402
 from curate.features import cld3 as cld3features, text as textfeatures  # noqa: E402
 from curate.features.cld3 import build_text_lang_cld3  # noqa: E402
+from curate.engine import Engine  # noqa: E402
 from curate.pool.sample import generate_pool  # noqa: E402
 from curate.features.text import BATCH_ROWS, build_text_features, entity_flags  # noqa: E402
 from curate.features.wordnet import EntityMatcher, ensure_wordnet, load_in21k_offsets, load_reader  # noqa: E402
@@ -164,11 +165,11 @@ def throughput(cat: Path, label: str) -> None:
     _, w_ft, c_ft = timed_cpu(ft.labels, texts)
     _, w_cld3, c_cld3 = timed_cpu(cld3.labels, texts)
     textfeatures._MODELS = None  # cold: this process loads the models inside the timing
-    res1, w1, c1 = timed_cpu(build_text_features, cat, workers=1, progress=False, force=True)
-    _, w1w, c1w = timed_cpu(build_text_features, cat, workers=1, progress=False, force=True)
-    _, w2, c2 = timed_cpu(build_text_features, cat, workers=2, progress=False, force=True)
+    res1, w1, c1 = timed_cpu(build_text_features, cat, engine=Engine(workers=1), progress=False, force=True)
+    _, w1w, c1w = timed_cpu(build_text_features, cat, engine=Engine(workers=1), progress=False, force=True)
+    _, w2, c2 = timed_cpu(build_text_features, cat, engine=Engine(workers=2), progress=False, force=True)
     cld3features._CLD3 = None  # cold
-    _, wc1, cc1 = timed_cpu(build_text_lang_cld3, cat, workers=1, progress=False, force=True)
+    _, wc1, cc1 = timed_cpu(build_text_lang_cld3, cat, engine=Engine(workers=1), progress=False, force=True)
     print(f"A. cold text features, {n:,} {label} captions ({distinct / n:.0%} distinct), "
           f"fastText {res1.settings['lid_model']['name']}; rates per CPU-second (per wall-second)")
 
@@ -206,7 +207,7 @@ def part_a(work: Path, rows: int) -> None:
 def part_b(work: Path, rows: int) -> None:
     files = max(1, rows // 1_000_000)
     cat = make_pool(work, f"pool_b_{rows}", files=files, rows_per_file=rows // files, fast=True)
-    res, t_feat = timed(build_text_features, cat, workers=2, progress=True)
+    res, t_feat = timed(build_text_features, cat, engine=Engine(workers=2), progress=True)
     if res.computed:
         print(f"B. computed text features for {res.rows_computed:,} rows in {t_feat:.1f}s "
               f"({res.rows_computed / t_feat:,.0f} captions/s, 2 workers)")
@@ -242,8 +243,8 @@ def part_s(work: Path, rows: int) -> None:
     files = 4
     cat = make_pool(work, f"pool_s_{rows}", files=files, rows_per_file=rows // files, fast=True)
     textfeatures._MODELS = None
-    _, w1, c1 = timed_cpu(build_text_features, cat, workers=1, progress=False, force=True)
-    _, w2, c2 = timed_cpu(build_text_features, cat, workers=2, progress=False, force=True)
+    _, w1, c1 = timed_cpu(build_text_features, cat, engine=Engine(workers=1), progress=False, force=True)
+    _, w2, c2 = timed_cpu(build_text_features, cat, engine=Engine(workers=2), progress=False, force=True)
     print(f"S. cold text features on {rows:,} generated captions ({files} files, fast captions), load average "
           f"{os.getloadavg()[0]:.1f}: workers=1 {rows / w1:,.0f}/s wall, {c1 / w1:.2f} CPUs busy; workers=2 "
           f"{rows / w2:,.0f}/s wall, {c2 / w2:.2f} CPUs busy -> {w1 / w2:.2f}x wall; "

@@ -90,7 +90,8 @@ def main() -> None:
 
     import torch
 
-    from curate.evaluate.run import _normalize, encode_texts, load_model, zero_shot_weights
+    from curate.evaluate.metrics import zero_shot_weights
+    from curate.evaluate.models import encode_texts, load_model, normalize
     from curate.train.trainer import TrainSpec, read_record, train
 
     torch.set_num_threads(1)
@@ -124,7 +125,7 @@ def main() -> None:
     rec = read_record(run.run_dir)
     m = load_model(rec["model"], rec["checkpoint"])
     with torch.no_grad():
-        img = _normalize(m.model.encode_image(torch.stack([m.preprocess(im) for im, _ in ev])).float().numpy())
+        img = normalize(m.model.encode_image(torch.stack([m.preprocess(im) for im, _ in ev])).float().numpy())
     lab = np.array([g for _, g in ev])
     w = zero_shot_weights([encode_texts(m, [t.replace("{c}", c) for t in TEMPLATES]) for c in classes])
     pred = (img @ w).argmax(1)

@@ -9,7 +9,8 @@ process leaves an unfinished multipart upload, never a partial object.
 
 DuckDB reads remote files through the same fsspec filesystem object
 (:func:`register_filesystems`), so no DuckDB extension (``httpfs`` cannot be installed offline)
-is needed.
+is needed. fsspec (the ``ray`` extra) is imported only when a URL is used: local paths never
+need it.
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from pathlib import Path
-
-import fsspec
 
 from curate.atomic import atomic_path
 from curate.errors import CurateError
@@ -42,6 +42,10 @@ def local_path(path) -> Path:
 
 def filesystem(url: str, storage_options: dict | None = None):
     """The fsspec filesystem and in-filesystem path for a URL."""
+    try:
+        import fsspec.core  # lazy: optional extra [ray]; only remote URLs need it
+    except ImportError:
+        raise StorageError(f"{url}: reading or writing URLs needs fsspec (pip install 'curate[ray]')") from None
     try:
         fs, path = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
     except (ImportError, ValueError) as e:
@@ -120,8 +124,6 @@ def read_json(path, storage_options: dict | None = None):
 def remove_tree(path, storage_options: dict | None = None) -> None:
     """Delete a work directory (local or remote); missing is fine."""
     if not is_url(path):
-        import shutil
-
         shutil.rmtree(local_path(path), ignore_errors=True)
         return
     fs, p = filesystem(path, storage_options)

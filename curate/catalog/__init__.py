@@ -1,5 +1,5 @@
 """The catalog: one DuckDB file whose views expose a pool (local or remote) to SQL.
 
-``connection`` opens and creates catalogs and holds the one CommonPool schema check; ``remote``
-creates catalogs over ``s3://`` and other fsspec URLs.
+``schema`` holds the CommonPool parquet schema and its one check; ``connection`` creates and
+opens catalogs over local pools; ``remote`` creates catalogs over ``s3://`` and other fsspec URLs.
 """

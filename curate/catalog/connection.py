@@ -1,8 +1,9 @@
 """The catalog: a DuckDB file whose views expose a DataComp pool to SQL.
 
-``init_catalog`` checks every metadata parquet (schema, types, row count), records the files in
-a ``pool_files`` table and creates the views and macros defined by the SQL in ``sql/catalog``.
-``connect`` is the one way the rest of ``curate`` opens a catalog.
+``init_catalog`` checks every metadata parquet (schema and types with
+:mod:`curate.catalog.schema`, row count), records the files in a ``pool_files`` table and
+creates the views and macros defined by the SQL in ``sql/catalog``. ``connect`` is the one way
+the rest of ``curate`` opens a catalog.
 
 Paths: DuckDB resolves relative paths in a saved view against the process's working directory,
 before ``file_search_path``; a catalog opened from elsewhere would silently read another
@@ -21,30 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from curate import __version__, resources
+from curate.catalog.schema import IGNORED_FILES, POOL_COLUMNS, check_columns, extra_columns, read_footer
 from curate.errors import CurateError
 
 SQL_DIR = resources.sql_dir()
 EXAMPLE_CATALOG = resources.example_catalog()
-
-#: The nine CommonPool columns and the Arrow type family each must have.
-POOL_COLUMNS = {
-    "uid": "string",
-    "url": "string",
-    "text": "string",
-    "original_width": "integer",
-    "original_height": "integer",
-    "clip_b32_similarity_score": "floating",
-    "clip_l14_similarity_score": "floating",
-    "face_bboxes": "list",
-    "sha256": "string",
-}
-IGNORED_COLUMNS = {"__index_level_0__"}  # pandas index some hub derivatives carry
-IGNORED_FILES = {".DS_Store"}
-
 
 _IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
@@ -61,18 +45,6 @@ def sql_literal(value: str) -> str:
 
 def sql_identifier(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
-
-
-def _type_family(t: pa.DataType) -> str:
-    if pa.types.is_string(t) or pa.types.is_large_string(t):
-        return "string"
-    if pa.types.is_integer(t):
-        return "integer"
-    if pa.types.is_floating(t):
-        return "floating"
-    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
-        return "list"
-    return str(t)
 
 
 @dataclass
@@ -107,21 +79,10 @@ def scan_metadata(metadata_dir: Path) -> tuple[list[PoolFile], list[str]]:
     shard = 0
     for i, name in enumerate(parquets):
         path = (metadata_dir / name).resolve()
-        try:
-            meta = pq.read_metadata(path)
-            schema = meta.schema.to_arrow_schema()
-        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for bad files
-            raise CatalogError(f"{path}: not a readable parquet file ({e})") from None
-        cols = {f.name: f.type for f in schema}
-        for col, family in POOL_COLUMNS.items():
-            if col not in cols:
-                raise CatalogError(
-                    f"{path}: missing column '{col}' (a CommonPool parquet has "
-                    f"{', '.join(POOL_COLUMNS)}); found {', '.join(cols)}"
-                )
-            if _type_family(cols[col]) != family:
-                raise CatalogError(f"{path}: column '{col}' has type {cols[col]}, expected {family}")
-        these = [c for c in cols if c not in POOL_COLUMNS and c not in IGNORED_COLUMNS]
+        meta, cols = read_footer(path, path, CatalogError)
+        found = f" (a CommonPool parquet has {', '.join(POOL_COLUMNS)}); found {', '.join(cols)}"
+        check_columns(path, cols, POOL_COLUMNS, CatalogError, missing=lambda col: found)
+        these = extra_columns(cols)
         if extra is None:
             extra, first_schema_file = these, path
         elif these != extra:
@@ -170,7 +131,9 @@ def _view_values(con, base: Path | None) -> dict[str, str]:
     }
 
 
-def _create_views(con, values: dict[str, str], temp: bool) -> None:
+def create_views(con, values: dict[str, str], temp: bool) -> None:
+    """Run ``sql/catalog/*.sql`` (the pool views and macros) on ``con`` with the template
+    ``values`` (``pool_files``, ``extra_columns``); ``temp``: only the views, as TEMP views."""
     for path in catalog_sql_files():
         sql = _render(path.read_text(), values)
         if temp:
@@ -201,8 +164,7 @@ def init_catalog(
         raise CatalogError("give --pool DATA_DIR or --metadata DIR")
     metadata_dir = Path(metadata) if metadata else Path(pool) / "metadata"
     shards_dir = Path(shards) if shards else (Path(pool) / "shards" if pool else None)
-    if catalog.exists() and not overwrite:
-        raise CatalogError(f"{catalog}: already exists (use --overwrite to replace it)")
+    check_new_catalog(catalog, overwrite)
     files, extra = scan_metadata(metadata_dir)
     base = catalog.parent
 
@@ -233,10 +195,17 @@ def init_catalog(
             )
             row_start += f.num_rows
         con.execute(f"SET file_search_path = {sql_literal(str(base))}")
-        _create_views(con, _view_values(con, None), temp=False)
+        create_views(con, _view_values(con, None), temp=False)
         # bind-check now, so a broken pool fails here rather than at the first query
         con.execute("SELECT count(*) FROM pool").fetchall()
     return catalog
+
+
+def check_new_catalog(catalog: str | os.PathLike, overwrite: bool = False) -> None:
+    """Refuse to create ``catalog`` over an existing file unless ``overwrite`` (commands that
+    build a pool first call it before the long work, not after)."""
+    if Path(catalog).exists() and not overwrite:
+        raise CatalogError(f"{catalog}: already exists (use --overwrite to replace it)")
 
 
 @contextlib.contextmanager
@@ -285,9 +254,9 @@ def connect(catalog: str | os.PathLike | None = None, read_only: bool = True) ->
     if mode and mode[0] == "relative":
         base = path.resolve().parent
         con.execute(f"SET file_search_path = {sql_literal(str(base))}")
-        _create_views(con, _view_values(con, base), temp=True)
+        create_views(con, _view_values(con, base), temp=True)
         for name, select_sql, paths, options in con.execute("SELECT * FROM curate_views").fetchall():
-            con.execute(_parquet_view_sql(name, select_sql, [str(base / p) for p in paths], options, temp=True))
+            con.execute(parquet_view_sql(name, select_sql, [str(base / p) for p in paths], options, temp=True))
     return con
 
 
@@ -307,7 +276,24 @@ def features_dir(con, catalog: str | os.PathLike | None = None) -> Path:
     return resolve_path(con, catalog_meta(con)["features_dir"], catalog)
 
 
-def _parquet_view_sql(name: str, select_sql: str, paths: list[str], options: str | None, temp: bool) -> str:
+def recorded_shards_dir(con, catalog: str | os.PathLike | None = None) -> Path | None:
+    """The pool shard directory the open catalog ``con`` records (None when it records none)."""
+    stored = catalog_meta(con).get("shards_dir")
+    return resolve_path(con, stored, catalog) if stored else None
+
+
+def shards_dir(catalog: str | os.PathLike | None = None) -> Path | None:
+    """The pool shard directory a catalog records (None when it records none)."""
+    con = connect(catalog)
+    try:
+        return recorded_shards_dir(con, catalog)
+    finally:
+        con.close()
+
+
+def parquet_view_sql(name: str, select_sql: str, paths: list[str], options: str | None, temp: bool) -> str:
+    """``CREATE OR REPLACE [TEMP] VIEW name AS SELECT select_sql FROM read_parquet(paths, ...)``:
+    the DDL of a producer's view (a ``curate_views`` row)."""
     files = "[" + ", ".join(sql_literal(p) for p in paths) + "]"
     opts = f", {options}" if options else ""
     kind = "TEMP VIEW" if temp else "VIEW"
@@ -334,11 +320,11 @@ def register_parquet_view(catalog: str | os.PathLike, name: str, files: list[str
         stored = [os.path.relpath(p, base) for p in abs_paths] if relative else abs_paths
         if not abs_paths:
             raise CatalogError(f"view {name}: no files to register")
-        con.execute(_parquet_view_sql(name, select_sql, abs_paths, options, temp=False)
+        con.execute(parquet_view_sql(name, select_sql, abs_paths, options, temp=False)
                     if not relative else
                     f"SET file_search_path = {sql_literal(str(base))}")
         if relative:
-            con.execute(_parquet_view_sql(name, select_sql, stored, options, temp=False))
+            con.execute(parquet_view_sql(name, select_sql, stored, options, temp=False))
         con.execute("INSERT OR REPLACE INTO curate_views VALUES (?, ?, ?, ?)", [name, select_sql, stored, options])
     finally:
         con.close()
@@ -349,10 +335,22 @@ def catalog_meta(con) -> dict[str, str]:
 
 
 def describe_catalog(con) -> dict:
-    """What a catalog holds: row count, files, views and tables (for `curate catalog info`)."""
-    n_rows, n_files = con.execute("SELECT sum(num_rows), count(*) FROM pool_files").fetchone()
+    """What a catalog holds: row count, files (and how many have an .npz), views and tables
+    (for `curate catalog info`)."""
+    n_rows, n_files, n_npz = con.execute("SELECT sum(num_rows), count(*), count(npz) FROM pool_files").fetchone()
     objects = con.execute(
         "SELECT table_name, table_type FROM information_schema.tables "
         "WHERE table_schema = 'main' AND table_catalog <> 'temp' ORDER BY table_name"
     ).fetchall()
-    return {"rows": int(n_rows or 0), "files": int(n_files), "objects": objects, "meta": catalog_meta(con)}
+    return {"rows": int(n_rows or 0), "files": int(n_files), "npz": int(n_npz), "objects": objects,
+            "meta": catalog_meta(con)}
+
+
+def catalog_summary(catalog: str | os.PathLike | None = None) -> dict:
+    """:func:`describe_catalog` of a catalog file (default: :func:`default_catalog`), opened
+    read-only and closed again."""
+    con = connect(catalog)
+    try:
+        return describe_catalog(con)
+    finally:
+        con.close()

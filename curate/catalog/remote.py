@@ -3,8 +3,9 @@
 The catalog file itself is a small local DuckDB file (copy it to every machine that needs it, or
 let the Ray engine ship its tables to the workers, which it does). Its ``pool_files`` rows hold
 URLs, and its views read them through fsspec (:func:`curate.storage.register_filesystems`).
-The checks are those of ``curate catalog init``: every parquet has the nine CommonPool
-columns with the right types and the same extra columns; the ``.npz`` beside each is recorded.
+The checks are those of ``curate catalog init`` (:mod:`curate.catalog.schema`): every parquet
+has the nine CommonPool columns with the right types and the same extra columns; the ``.npz``
+beside each is recorded.
 """
 
 from __future__ import annotations
@@ -12,20 +13,16 @@ from __future__ import annotations
 import datetime as _dt
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
-from curate import __version__
-from curate.catalog.connection import (IGNORED_COLUMNS, building_catalog, IGNORED_FILES, POOL_COLUMNS, CatalogError, _create_views, _type_family,
-                            _view_values)
-from curate import storage
+from curate import __version__, storage
+from curate.catalog.connection import CatalogError, _view_values, building_catalog, check_new_catalog, create_views
+from curate.catalog.schema import IGNORED_FILES, check_columns, extra_columns, read_footer
 
 
 def init_remote_catalog(catalog, metadata_url: str, shards_url: str | None = None,
                         storage_options: dict | None = None, overwrite: bool = False) -> Path:
     """Create the local catalog file ``catalog`` over the parquet files under ``metadata_url``."""
     catalog = Path(catalog).resolve()
-    if catalog.exists() and not overwrite:
-        raise CatalogError(f"{catalog}: already exists (use --overwrite to replace it)")
+    check_new_catalog(catalog, overwrite)
     fs, root = storage.filesystem(metadata_url, storage_options)
     proto = str(metadata_url).split("://", 1)[0]
     try:
@@ -47,18 +44,9 @@ def init_remote_catalog(catalog, metadata_url: str, shards_url: str | None = Non
     for i, name in enumerate(parquets):
         url = f"{base}/{name}"
         with fs.open(f"{root.rstrip('/')}/{name}", "rb") as f:
-            try:
-                meta = pq.ParquetFile(f).metadata
-            except Exception as e:  # noqa: BLE001 - any unreadable footer is the user's file
-                raise CatalogError(f"{url}: not a readable parquet file ({e})") from None
-            schema = meta.schema.to_arrow_schema()
-        cols = {fld.name: fld.type for fld in schema}
-        for col, family in POOL_COLUMNS.items():
-            if col not in cols:
-                raise CatalogError(f"{url}: missing column '{col}'")
-            if _type_family(cols[col]) != family:
-                raise CatalogError(f"{url}: column '{col}' has type {cols[col]}, expected {family}")
-        these = [c for c in cols if c not in POOL_COLUMNS and c not in IGNORED_COLUMNS]
+            meta, cols = read_footer(f, url, CatalogError)
+        check_columns(url, cols, error=CatalogError)
+        these = extra_columns(cols)
         if extra is None:
             extra, first = these, name
         elif these != extra:
@@ -85,6 +73,6 @@ def init_remote_catalog(catalog, metadata_url: str, shards_url: str | None = Non
             meta[f"extra_column:{i:04d}"] = col
         con.executemany("INSERT INTO curate_meta VALUES (?, ?)", list(meta.items()))
         con.executemany("INSERT INTO pool_files VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-        _create_views(con, _view_values(con, None), temp=False)
+        create_views(con, _view_values(con, None), temp=False)
         con.execute("SELECT count(*) FROM pool").fetchall()  # bind-check through fsspec now
     return catalog

@@ -7,8 +7,14 @@ import time
 from pathlib import Path
 
 import click
+from tqdm import tqdm
 
+from curate.catalog.connection import catalog_summary, default_catalog, init_catalog
+from curate.cli.options import catalog_option
+from curate.demo.example import build_example
 from curate.errors import CurateError
+from curate.pool.sample import generate_pool
+from curate.subset import subset_info, subset_to_parquet
 
 
 @click.group("catalog")
@@ -17,43 +23,36 @@ def catalog_group():
 
 
 @catalog_group.command("init")
-@click.argument("catalog", type=click.Path(dir_okay=False, path_type=Path))
+@catalog_option(positional=True, required=True, help="Catalog file to create.")
 @click.option("--pool", type=click.Path(file_okay=False, path_type=Path), help="DataComp data dir (metadata/, shards/).")
 @click.option("--metadata", type=click.Path(file_okay=False, path_type=Path), help="Metadata dir (default POOL/metadata).")
 @click.option("--shards", type=click.Path(file_okay=False, path_type=Path), help="Shards dir (default POOL/shards).")
 @click.option("--relative", is_flag=True, help="Store paths relative to the catalog (for catalogs shipped with their data).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing catalog file.")
-def catalog_init(catalog, pool, metadata, shards, relative, overwrite):
+def catalog_init_cmd(catalog, pool, metadata, shards, relative, overwrite):
     """Create CATALOG over a DataComp pool.
 
     \b
     Example:
       curate catalog init small.duckdb --pool /data/datacomp_small
     """
-    from curate.catalog.connection import connect, init_catalog
-
     t0 = time.perf_counter()
     path = init_catalog(catalog, pool=pool, metadata=metadata, shards=shards, relative=relative, overwrite=overwrite)
-    con = connect(path)
-    n, files, npz = con.execute("SELECT sum(num_rows), count(*), count(npz) FROM pool_files").fetchone()
-    con.close()
-    click.echo(f"wrote {path}: {n:,} samples in {files} parquet files ({npz} with .npz) "
+    d = catalog_summary(path)
+    click.echo(f"wrote {path}: {d['rows']:,} samples in {d['files']} parquet files ({d['npz']} with .npz) "
                f"in {time.perf_counter() - t0:.2f}s")
 
 
 @catalog_group.command("info")
-@click.argument("catalog", type=click.Path(dir_okay=False, path_type=Path), required=False)
-def catalog_info(catalog):
+@catalog_option(positional=True)
+def catalog_info_cmd(catalog):
     """Show what a catalog holds (pool size, paths, views and tables).
 
     \b
     Example:
       curate catalog info small.duckdb
     """
-    from curate.catalog.connection import connect, default_catalog, describe_catalog
-
-    con = connect(catalog)
-    d = describe_catalog(con)
+    d = catalog_summary(catalog)
     click.echo(f"catalog: {catalog or default_catalog()}")
     click.echo(f"pool:    {d['rows']:,} samples in {d['files']} files")
     for k, v in sorted(d["meta"].items()):
@@ -63,7 +62,7 @@ def catalog_info(catalog):
 
 
 @catalog_group.command("example")
-def catalog_example():
+def catalog_example_cmd():
     """Regenerate the bundled sample pool (data/sample_pool) and catalog.duckdb.example.
 
     Deterministic: the same code gives the same pool (a test checks the committed copy).
@@ -72,8 +71,6 @@ def catalog_example():
     Example:
       curate catalog example && git status data/ catalog.duckdb.example
     """
-    from curate.demo.example import build_example
-
     path = build_example()
     click.echo(f"wrote {path}")
 
@@ -92,8 +89,6 @@ def subset_info_cmd(file):
     Example:
       curate subset info subsets/no_filter.npy
     """
-    from curate.subset import subset_info
-
     if not file.is_file():
         raise CurateError(f"{file}: subset file not found")
     info = subset_info(file)
@@ -113,8 +108,6 @@ def subset_to_parquet_cmd(file, out):
     Example:
       curate subset to-parquet subsets/no_filter.npy no_filter.parquet
     """
-    from curate.subset import subset_to_parquet
-
     n = subset_to_parquet(file, out)
     click.echo(f"wrote {out}: {n:,} uids")
 
@@ -134,10 +127,6 @@ def sample_pool_cmd(out, files, rows_per_file, seed, npz, shards, fast):
     Example:
       curate sample-pool /tmp/pool10m --files 10 --rows-per-file 1000000 --no-npz --no-shards --fast
     """
-    from tqdm import tqdm
-
-    from curate.pool.sample import generate_pool
-
     t0 = time.perf_counter()
     generate_pool(out, files=files, rows_per_file=rows_per_file, seed=seed, npz=npz, shards=shards,
                   fast=fast, progress=lambda it: tqdm(it, desc="files", unit="file"))

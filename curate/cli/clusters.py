@@ -1,9 +1,12 @@
-"""Command line for embeddings and cluster sets: ``curate clusters ...``, ``curate embeddings ...``
-and ``curate features clusters``. Thin wrappers over :mod:`curate.features.clusters`,
-:mod:`curate.features.embeddings` and :mod:`curate.features.neighbors`.
+"""The ``curate clusters ...`` and ``curate embeddings ...`` command groups: cluster sets, and pool
+embeddings as float32 files, neighbours and near-duplicates. Thin wrappers over
+:mod:`curate.features.clusters`, :mod:`curate.features.embeddings` and
+:mod:`curate.features.neighbors` (``curate features clusters`` is in :mod:`curate.cli.features`).
 
-Target files can be listed after ``--targets`` (``--targets a.pt b.pt c.pt``): click options take
-one value, so extra positional arguments after CATALOG are collected as more target files.
+The catalog is the first argument or ``-c/--catalog FILE``. Target files can be listed after
+``--targets`` (``--targets a.pt b.pt c.pt``): click options take one value, so extra positional
+arguments after CATALOG are collected as more target files (with ``-c``, give each target its
+own ``--targets``).
 """
 
 from __future__ import annotations
@@ -12,12 +15,16 @@ import time
 from pathlib import Path
 
 import click
+import numpy as np
 
-from curate.cli.ray import engine_options
-
+from curate.catalog.connection import default_catalog
+from curate.cli.options import catalog_option
 from curate.errors import CurateError
+from curate.features.clusters import build_cluster_set, import_cluster_set, list_cluster_sets, set_targets
+from curate.features.embeddings import convert_embeddings
+from curate.features.neighbors import near_duplicates, nearest
 
-_catalog_arg = click.argument("catalog", type=click.Path(dir_okay=False, path_type=Path))
+_catalog_arg = catalog_option(positional=True)
 _file = click.Path(dir_okay=False, path_type=Path)
 
 
@@ -54,8 +61,6 @@ def build_cmd(catalog, more_targets, name, key, k, sample_ratio, seed, niter, ca
     Example:
       curate clusters build pool.duckdb --name small --k 1024 --sample-ratio 0.3 --targets in1k.npy
     """
-    from curate.features.clusters import build_cluster_set
-
     t0 = time.perf_counter()
     cs = build_cluster_set(catalog, name, key=key, k=k, sample_ratio=sample_ratio, seed=seed,
                            caption_filter=caption_filter, target_files=_targets(targets, more_targets),
@@ -85,8 +90,6 @@ def import_cmd(catalog, more_targets, name, centroids, targets, key, overwrite):
           --targets in1k_clip_vit_l14_0.pt in1k_clip_vit_l14_1.pt in1k_clip_vit_l14_2.pt \\
                     in1k_clip_vit_l14_3.pt in1k_clip_vit_l14_4.pt
     """
-    from curate.features.clusters import import_cluster_set
-
     t0 = time.perf_counter()
     cs = import_cluster_set(catalog, name, centroids, _targets(targets, more_targets), key=key, overwrite=overwrite)
     click.echo(f"cluster set {name}: imported {cs.meta['k']:,} x {cs.meta['dim']} centroids from {centroids}")
@@ -105,8 +108,6 @@ def targets_cmd(catalog, more_targets, name, targets):
     Example:
       curate clusters targets pool.duckdb --name small --targets in1k_0.pt in1k_1.pt
     """
-    from curate.features.clusters import set_targets
-
     t0 = time.perf_counter()
     _echo_set(set_targets(catalog, name, _targets(targets, more_targets)), t0)
 
@@ -120,15 +121,13 @@ def list_cmd(catalog):
     Example:
       curate clusters list pool.duckdb
     """
-    from curate.features.clusters import list_cluster_sets
-
     sets = list_cluster_sets(catalog)
     for cs in sets:
         t = cs.meta.get("targets")
         click.echo(f"{cs.name}: key {cs.key}, {cs.meta['k']:,} x {cs.meta['dim']} centroids, "
                    + (f"{t['clusters']:,} target clusters from {t['rows']:,} target rows" if t else "no targets"))
     if not sets:
-        click.echo(f"{catalog}: no cluster sets")
+        click.echo(f"{catalog if catalog is not None else default_catalog()}: no cluster sets")
 
 
 def _echo_set(cs, t0) -> None:
@@ -139,27 +138,6 @@ def _echo_set(cs, t0) -> None:
     else:
         click.echo("no target embeddings given: add them with `curate clusters targets`")
     click.echo(f"wrote {cs.dir} in {time.perf_counter() - t0:.2f}s")
-
-
-@click.command("clusters")
-@_catalog_arg
-@click.option("--clusters", "name", required=True, help="Cluster set name.")
-@engine_options("one task per pool file")
-def features_clusters_cmd(catalog, name, engine, ray_address):
-    """Materialise every pool row's nearest centroid (inner product) for a cluster set.
-
-    Resumable: files already assigned are skipped. `curate run` does this on first use.
-
-    \b
-    Example:
-      curate features clusters pool.duckdb --clusters xlarge
-    """
-    from curate.features.clusters import assign_pool
-
-    r = assign_pool(catalog, name, progress=True, engine=engine, ray_address=ray_address)
-    click.echo(f"cluster_assignments[{name}]: assigned {r['rows']:,} rows in {r['assigned_files']} of "
-               f"{r['files']} files ({r['files'] - r['assigned_files']} already done) in {r['seconds']}s")
-    click.echo(f"wrote {r['dir']}")
 
 
 @click.group("embeddings")
@@ -177,8 +155,6 @@ def convert_cmd(catalog, key):
     Example:
       curate embeddings convert pool.duckdb --key l14_img
     """
-    from curate.features.embeddings import convert_embeddings
-
     t0 = time.perf_counter()
     r = convert_embeddings(catalog, key, progress=True)
     click.echo(f"embeddings {key}: {r['rows']:,} rows x {r['dim']} in {r['files']} files "
@@ -199,10 +175,6 @@ def neighbors_cmd(catalog, uid, vector, key, k):
     Example:
       curate embeddings neighbors pool.duckdb --uid 0a1b...ff -k 5
     """
-    import numpy as np
-
-    from curate.features.neighbors import nearest
-
     t0 = time.perf_counter()
     vec = None
     if vector is not None:
@@ -229,8 +201,6 @@ def dedup_cmd(catalog, cluster_set, threshold, key, name):
     Example:
       curate embeddings dedup pool.duckdb --clusters small --threshold 0.97
     """
-    from curate.features.neighbors import near_duplicates
-
     r = near_duplicates(catalog, cluster_set, threshold, key=key, name=name, progress=True)
     click.echo(f"near_duplicates[{r['dedup_set']}]: {r['in_groups']:,} samples in duplicate groups, "
                f"{r['drop']:,} to drop (keep = first in pool order) in {r['seconds']}s")

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from curate.demo.pipeline import DemoConfig, run_demo
+
 
 @click.command("demo")
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo_run"))
@@ -33,8 +35,6 @@ def demo_cmd(out, seeds, samples_seen, scorer_samples_seen, renders_per_emoji, m
       curate demo demo_run --seeds 0,1,2
       curate demo /tmp/smoke --max-emoji 40 --seeds 0 --samples-seen 1024 --scorer-samples-seen 1024
     """
-    from curate.demo.pipeline import DemoConfig, run_demo
-
     t0 = time.perf_counter()
     cfg = DemoConfig(out=out, seeds=tuple(int(s) for s in seeds.split(",") if s.strip()),
                      samples_seen=samples_seen, scorer_samples_seen=scorer_samples_seen,

@@ -1,14 +1,17 @@
-"""``curate download`` and ``curate download-status``: thin click wrappers over :mod:`curate.pool.download`."""
+"""``curate download``, ``curate download-status`` and ``curate byod``: thin click wrappers over
+:mod:`curate.pool.download` and :mod:`curate.pool.byod`."""
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 import click
 
-from curate.pool.download import ENCODE_FORMATS, HUB_REPOS, RESIZE_MODES
+from curate.cli.options import catalog_option, progress
+from curate.pool.byod import init_scored_catalog, score_data_dir
+from curate.pool.download import (ENCODE_FORMATS, HUB_REPOS, RESIZE_MODES, DownloadSettings, download,
+                                  no_success_error, status_report)
 
 
 def _print_report(report, data_dir: Path, catalog) -> None:
@@ -38,8 +41,7 @@ def _print_report(report, data_dir: Path, catalog) -> None:
               help="Keep images whose bytes differ from the metadata's sha256 (they are still reported).")
 @click.option("--retries", default=2, show_default=True, help="Download retries per URL.")
 @click.option("--timeout", default=10, show_default=True, help="Seconds per URL.")
-@click.option("--catalog", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Register the download_status view in this catalog (created over DATA_DIR if absent).")
+@catalog_option(help="Register the download_status view in this catalog (created over DATA_DIR if absent).")
 def download_cmd(data_dir, scale, metadata_dir, skip_shards, download_npz, processes, threads, image_size,
                  resize_mode, no_resize_only_if_bigger, encode_format, skip_bbox_blurring, no_verify_hash,
                  retries, timeout, catalog):
@@ -53,15 +55,13 @@ def download_cmd(data_dir, scale, metadata_dir, skip_shards, download_npz, proce
       curate download --scale small --data-dir /data/datacomp_small --processes 16
       curate download --metadata-dir my_parquets/ --data-dir /data/mine --skip-bbox-blurring
     """
-    from curate.pool.download import DownloadSettings, download, no_success_error
-
     t0 = time.perf_counter()
     s = DownloadSettings(processes=processes, threads=threads, image_size=image_size, resize_mode=resize_mode,
                          resize_only_if_bigger=not no_resize_only_if_bigger, encode_format=encode_format,
                          blur=not skip_bbox_blurring, verify_hash=not no_verify_hash, retries=retries,
                          timeout=timeout)
     report = download(data_dir, scale=scale, metadata_dir=metadata_dir, settings=s, skip_shards=skip_shards,
-                      download_npz=download_npz, catalog=catalog, progress=sys.stderr.isatty())
+                      download_npz=download_npz, catalog=catalog, progress=progress())
     if report is None:
         click.echo(f"metadata ready in {metadata_dir or data_dir / 'metadata'} "
                    f"({time.perf_counter() - t0:.1f}s); shards skipped")
@@ -72,12 +72,12 @@ def download_cmd(data_dir, scale, metadata_dir, skip_shards, download_npz, proce
     if err is not None:
         raise err
 
+
 @click.command("download-status")
 @click.option("--data-dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--metadata-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Metadata the shards were downloaded from (default DATA_DIR/metadata).")
-@click.option("--catalog", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Register the download_status view in this catalog (created over DATA_DIR if absent).")
+@catalog_option(help="Register the download_status view in this catalog (created over DATA_DIR if absent).")
 def download_status_cmd(data_dir, metadata_dir, catalog):
     """Report per-status counts of an existing download (no network); optionally register
     the download_status view so SQL can join it.
@@ -87,14 +87,14 @@ def download_status_cmd(data_dir, metadata_dir, catalog):
       curate download-status --data-dir /data/datacomp_small --catalog small.duckdb
       duckdb small.duckdb -c "SELECT status, count(*) FROM download_status GROUP BY ALL"
     """
-    from curate.pool.download import status_report
-
-    report = status_report(data_dir, metadata_dir=metadata_dir, catalog=catalog, progress=sys.stderr.isatty())
+    report = status_report(data_dir, metadata_dir=metadata_dir, catalog=catalog, progress=progress())
     _print_report(report, data_dir, catalog)
+
 
 @click.group("byod")
 def byod_group():
     """Bring your own data: score downloaded shards into the pool's metadata format."""
+
 
 @byod_group.command("score")
 @click.option("--data-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -114,8 +114,7 @@ def byod_group():
 @click.option("--batch-size", default=256, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Rescore shards already scored.")
-@click.option("--catalog", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Then create this catalog over the scored metadata and shards (with download_status).")
+@catalog_option(help="Then create this catalog over the scored metadata and shards (with download_status).")
 def byod_score_cmd(data_dir, arch, checkpoint, model_config, out, metadata_dir, embedding, batch_size, device,
                    overwrite, catalog):
     """Compute CLIP image/text embeddings and similarity scores for downloaded shards.
@@ -129,22 +128,14 @@ def byod_score_cmd(data_dir, arch, checkpoint, model_config, out, metadata_dir, 
       curate byod score --data-dir /data/mine --model ViT-B-32 --checkpoint b32.pt
       curate byod score --data-dir /data/mine --model-config tiny.json --checkpoint tiny.pt --as l14
     """
-    from curate.pool.byod import score_data_dir
-
     res = score_data_dir(data_dir, arch, checkpoint, model_config=model_config, out=out, embedding=embedding,
-                         batch_size=batch_size, device=device, progress=sys.stderr.isatty(), overwrite=overwrite,
+                         batch_size=batch_size, device=device, progress=progress(), overwrite=overwrite,
                          metadata_dir=metadata_dir)
     click.echo(f"scored {res.shards} shards ({res.skipped} already done): {res.rows:,} rows, "
                f"{res.images:,} images -> {res.out_dir} in {res.elapsed:.1f}s"
                + (f"; kept source columns {', '.join(res.carried)}" if res.carried else ""))
     if catalog is not None:
-        from curate.catalog.connection import init_catalog
-        from curate.pool.download import STATUS_DIR, register_status_view
-
-        init_catalog(catalog, metadata=res.out_dir, shards=data_dir / "shards", overwrite=overwrite)
-        status = sorted((data_dir / STATUS_DIR).glob("*.parquet"))
-        if status:
-            register_status_view(catalog, status, data_dir)
-        click.echo(f"wrote {catalog}" + (" with view download_status" if status else ""))
+        with_status = init_scored_catalog(catalog, data_dir, res.out_dir, overwrite=overwrite)
+        click.echo(f"wrote {catalog}" + (" with view download_status" if with_status else ""))
     else:
         click.echo(f"next: curate catalog init byod.duckdb --metadata {res.out_dir} --shards {data_dir / 'shards'}")

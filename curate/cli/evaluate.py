@@ -1,5 +1,6 @@
-"""Command line for evaluation: ``curate eval`` and ``curate tic matrix`` (thin wrappers over
-:mod:`curate.evaluate.run`)."""
+"""Command line for evaluation: ``curate eval`` and ``curate eval-export-winogavil`` (thin
+wrappers over :mod:`curate.evaluate.run` and :mod:`curate.evaluate.winogavil`; ``curate tic
+matrix`` is in :mod:`curate.cli.tic`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ import time
 from pathlib import Path
 
 import click
+from tqdm import tqdm
+
+from curate.evaluate.run import evaluate_run
+from curate.evaluate.winogavil import export_winogavil, winogavil_rows_from_hf
 
 
 @click.command("eval")
@@ -31,10 +36,6 @@ def eval_cmd(train_output_dir, tasks, data_dir, output_dir, batch_size, only):
     Example:
       curate eval --train-output-dir runs/tiny_scale --data-dir /data/datacomp_eval
     """
-    from tqdm import tqdm
-
-    from curate.evaluate.run import evaluate_run
-
     t0 = time.perf_counter()
     progress = (lambda it, total=None: tqdm(it, total=total, unit="img", leave=False)) if sys.stderr.isatty() else None
     s = evaluate_run(train_output_dir, tasks=tasks, data_dir=data_dir, output_dir=output_dir,
@@ -46,39 +47,6 @@ def eval_cmd(train_output_dir, tasks, data_dir, output_dir, batch_size, only):
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     click.echo(", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
                + f"; results in {s.results_file} ({time.perf_counter() - t0:.1f}s)")
-
-
-@click.command("matrix")
-@click.argument("runs", nargs=-1, required=True, metavar="STEP=EVAL_DIR...")
-@click.option("--kind", type=click.Choice(["retrieval", "datacompnet"]), default="retrieval", show_default=True)
-@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), default=Path("tic_matrix.png"),
-              show_default=True, help="Heatmap PNG; the numbers go to the same name with .json.")
-def tic_matrix_cmd(runs, kind, out):
-    """TiC dynamic evaluation matrix with ID / backward / forward transfer and a heatmap.
-
-    Give the models in training order as STEP=DIR, where DIR holds the eval_results.jsonl of
-    `curate eval --tasks TIC_TASKLIST` for that step's model.
-
-    \b
-    Example:
-      curate tic matrix 2016=runs/tic/cumulative-all/2016 2017=runs/tic/cumulative-all/2017 -o m.png
-    """
-    from curate.atomic import write_json
-    from curate.errors import CurateError
-    from curate.evaluate.run import plot_matrix, tic_matrix
-
-    pairs = []
-    for r in runs:
-        if "=" not in r:
-            raise CurateError(f"{r!r}: expected STEP=EVAL_DIR")
-        step, d = r.split("=", 1)
-        pairs.append((step, d))
-    res = tic_matrix(pairs, kind=kind)
-    plot_matrix(res, out)
-    write_json(out.with_suffix(".json"), res)
-    f = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
-    click.echo(f"{kind}: ID {f(res['id'])}, backward transfer {f(res['backward'])}, forward transfer {f(res['forward'])}")
-    click.echo(f"wrote {out} and {out.with_suffix('.json')}")
 
 
 @click.command("eval-export-winogavil")
@@ -108,8 +76,6 @@ def export_winogavil_cmd(data_dir, source, split, shard_size):
       curate eval-export-winogavil --data-dir /data/datacomp_eval --source winogavil_test
       curate eval --train-output-dir runs/small_scale --data-dir /data/datacomp_eval --task misc/winogavil
     """
-    from curate.evaluate.run import export_winogavil, winogavil_rows_from_hf
-
     out = Path(data_dir) / "wds_misc-winogavil_test"
     n = export_winogavil(winogavil_rows_from_hf(source, split), out, shard_size=shard_size)
     click.echo(f"wrote {n:,} WinoGAViL instances to {out}")

@@ -20,6 +20,7 @@ from curate.errors import CurateError
 COMMANDS: dict[str, str] = {
     "run": "curate.cli.run:run_cmd",
     "lint": "curate.cli.run:lint_cmd",
+    "filters": "curate.cli.run:filters_cmd",
     "catalog": "curate.cli.catalog:catalog_group",
     "subset": "curate.cli.catalog:subset_group",
     "sample-pool": "curate.cli.catalog:sample_pool_cmd",

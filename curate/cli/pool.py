@@ -9,7 +9,12 @@ from pathlib import Path
 
 import click
 
+from curate.catalog.connection import check_new_catalog, init_catalog
+from curate.cli.options import catalog_option
 from curate.errors import CurateError
+from curate.pool.build import TIME_COLUMN, build_pool, failures
+from curate.pool.recipes import redcaps, yfcc15m
+from curate.pool.recipes.periods import YFCC15M_GROUPS, create_time_views, export_period_splits, parse_groups
 
 
 @click.group("pool")
@@ -18,8 +23,6 @@ def pool_group():
 
 
 def _echo_build(result, t0: float) -> None:
-    from curate.pool.build import failures
-
     if result.already_complete:
         click.echo(f"{result.out}: already complete ({result.samples:,} samples in {result.shards} shards)")
         return
@@ -37,22 +40,20 @@ def _echo_build(result, t0: float) -> None:
 
 def _check_catalog_target(catalog: Path | None, overwrite: bool) -> None:
     """Fail before a long build, not after it, when --catalog would be refused."""
-    if catalog is not None and catalog.exists() and not overwrite:
-        raise CurateError(f"{catalog}: already exists (use --overwrite to replace it)")
+    if catalog is not None:
+        check_new_catalog(catalog, overwrite)
 
 
-def _catalog_and_views(catalog: Path | None, out: Path, overwrite: bool, **view_args) -> None:
+def _catalog_and_views(catalog: Path | None, out: Path, overwrite: bool, time_views: bool, **view_args) -> None:
+    """--catalog: the catalog over the built pool and, when the pool has a time column (parsed
+    into time_utc), its time views."""
     if catalog is None:
         click.echo(f"next: curate catalog init CATALOG --pool {out}")
         return
-    from curate.catalog.connection import init_catalog
-    from curate.pool.recipes.periods import create_time_views
-
     init_catalog(catalog, pool=out, overwrite=overwrite)
     click.echo(f"wrote {catalog}")
-    if view_args.get("time_col") is not None:
-        view_args["time_col"] = "time_utc"
-        _echo_periods(catalog, create_time_views(catalog, **view_args))
+    if time_views:
+        _echo_periods(catalog, create_time_views(catalog, time_col=TIME_COLUMN, **view_args))
 
 
 def _echo_periods(catalog, counts) -> None:
@@ -65,8 +66,7 @@ def _echo_periods(catalog, counts) -> None:
             click.echo(f"  {period:<12} {train:>10,} {test:>8,}")
 
 
-catalog_opt = click.option("--catalog", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                           help="Also create this catalog over the pool (and its time views).")
+catalog_opt = catalog_option(help="Also create this catalog over the pool (and its time views).")
 overwrite_opt = click.option("--overwrite", is_flag=True, help="Replace an existing --catalog file.")
 workers_opt = click.option("--workers", type=click.IntRange(1, 256), default=None,
                            help="Threads reading and decoding images (default: cores + 2, at most 8).")
@@ -108,9 +108,6 @@ def from_table_cmd(table, image_col, caption_col, time_col, time_format, url_col
       curate pool from-table photos.csv --image-col file --caption-col title \\
           --time-col taken_at --out /data/mypool --catalog mypool.duckdb
     """
-    from curate.pool.build import build_pool
-    from curate.pool.recipes.periods import parse_groups
-
     _check_catalog_target(catalog, overwrite)
     t0 = time.perf_counter()
     cols = [c.strip() for c in columns.split(",") if c.strip()] if columns else None
@@ -120,7 +117,7 @@ def from_table_cmd(table, image_col, caption_col, time_col, time_format, url_col
     result = build_pool(table, out, image_col, caption_col, time_col=time_col, time_format=time_format,
                         url_col=url_col, image_root=image_root, columns=cols, workers=workers)
     _echo_build(result, t0)
-    _catalog_and_views(catalog, out, overwrite, time_col=time_col, groups=group_list, seed=seed,
+    _catalog_and_views(catalog, out, overwrite, time_views=time_col is not None, groups=group_list, seed=seed,
                        test_fraction=test_fraction)
 
 
@@ -149,16 +146,13 @@ def yfcc15m_cmd(csv_path, images, out, catalog, overwrite, workers, seed, test_f
       curate pool recipe yfcc15m --csv yfcc15m.csv --images /data/yfcc/images \\
           --out /data/tic-yfcc15m --catalog tic-yfcc15m.duckdb
     """
-    from curate.pool.recipes import yfcc15m
-    from curate.pool.recipes.periods import YFCC15M_GROUPS
-
     _check_catalog_target(catalog, overwrite)
     t0 = time.perf_counter()
     counts, result = yfcc15m.build(csv_path, images, out, workers=workers)
     click.echo(f"{csv_path}: {counts['rows']:,} rows, {counts['kept']:,} uploaded in 2004-2014, "
                f"{counts['unmapped']:,} not mapped (other years, left out as in TiC)")
     _echo_build(result, t0)
-    _catalog_and_views(catalog, out, overwrite, time_col="dateuploaded", groups=YFCC15M_GROUPS, seed=seed,
+    _catalog_and_views(catalog, out, overwrite, time_views=True, groups=YFCC15M_GROUPS, seed=seed,
                        test_fraction=test_fraction)
 
 
@@ -183,8 +177,6 @@ def redcaps_cmd(annotations, images, out, years, catalog, overwrite, workers, se
       curate pool recipe redcaps --annotations redcaps/annotations --images redcaps/images \\
           --out /data/tic-redcaps --catalog tic-redcaps.duckdb
     """
-    from curate.pool.recipes import redcaps
-
     try:
         year_list = tuple(int(y) for y in years.split(","))
     except ValueError:
@@ -194,12 +186,12 @@ def redcaps_cmd(annotations, images, out, years, catalog, overwrite, workers, se
     counts, result = redcaps.build(annotations, images, out, years=year_list, workers=workers)
     click.echo(f"{annotations}: " + ", ".join(f"{y}: {n:,}" for y, n in counts.items()) + " annotations")
     _echo_build(result, t0)
-    _catalog_and_views(catalog, out, overwrite, time_col="created_utc", period_col="annotation_year",
+    _catalog_and_views(catalog, out, overwrite, time_views=True, period_col="annotation_year",
                        seed=seed, test_fraction=test_fraction)
 
 
 @pool_group.command("timesplit")
-@click.argument("catalog", type=click.Path(dir_okay=False, path_type=Path))
+@catalog_option(positional=True, required=True)
 @click.option("--time-col", default="time_utc", show_default=True, help="Pool column holding the time.")
 @click.option("--groups", default=None, help="Year groups as periods, e.g. 2004-2008,2009-2010,2011-2012,2013-2014.")
 @click.option("--period-col", default=None, help="Pool column holding the period instead (e.g. annotation_year).")
@@ -213,15 +205,13 @@ def timesplit_cmd(catalog, time_col, groups, period_col, seed, test_fraction):
     Example:
       curate pool timesplit mypool.duckdb --groups 2004-2008,2009-2010,2011-2012,2013-2014
     """
-    from curate.pool.recipes.periods import create_time_views, parse_groups
-
     counts = create_time_views(catalog, time_col=time_col, groups=parse_groups(groups) if groups else None,
                                period_col=period_col, seed=seed, test_fraction=test_fraction)
     _echo_periods(catalog, counts)
 
 
 @pool_group.command("export-splits")
-@click.argument("catalog", type=click.Path(dir_okay=False, path_type=Path))
+@catalog_option(positional=True, required=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 def export_splits_cmd(catalog, out):
     """Write OUT/{period}/{train,test}.npy subset files (and sizes.json) from period_split.
@@ -231,8 +221,6 @@ def export_splits_cmd(catalog, out):
       curate pool export-splits tic-yfcc15m.duckdb --out splits/
       curate reshard -i /data/tic-yfcc15m/shards -o train/2004-2008 -s splits/2004-2008/train.npy
     """
-    from curate.pool.recipes.periods import export_period_splits
-
     t0 = time.perf_counter()
     sizes = export_period_splits(catalog, out)
     for period, s in sizes.items():

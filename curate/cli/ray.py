@@ -1,9 +1,9 @@
-"""``curate ray ...``: the Ray engine's commands, and the ``--engine/--ray-address`` options.
+"""``curate ray ...``: the Ray engine's own commands.
 
 ``curate ray run`` is ``curate run`` on a Ray cluster (same filter files, byte-identical subset
-files). ``engine_options`` is the decorator the other commands (``curate run``,
-``curate features ...``, ``curate reshard``, ``curate tic export``) add to offer
-``--engine {local,ray}`` and ``--ray-address``.
+files) with the Ray runner's own options (work directory, bucket layout, object storage);
+``catalog-init`` makes a catalog over a pool in object storage; ``subset-concat`` joins a
+bucket-directory subset. Other commands take ``--engine ray`` (:func:`curate.cli.options.engine_options`).
 """
 
 from __future__ import annotations
@@ -13,33 +13,15 @@ from pathlib import Path
 
 import click
 
-
-
-def engine_options(unit: str = "one task per pool file"):
-    """``--engine {local,ray}`` (default local) and ``--ray-address`` for a click command.
-
-    ``unit`` says what one Ray task does for that command (for the help text).
-    """
-    def decorate(f):
-        f = click.option("--ray-address", default=None, metavar="ADDRESS",
-                         help="Ray cluster to join (e.g. auto, ray://head:10001); default: start Ray "
-                              "locally. Only with --engine ray.")(f)
-        f = click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-                         help=f"local: this machine; ray: {unit} on a Ray cluster.")(f)
-        return f
-    return decorate
-
-
-def _storage_options(text):
-    from curate.storage import parse_storage_options
-
-    return parse_storage_options(text, "--storage-options")
-
-
-storage_option = click.option(
-    "--storage-options", default=None, metavar="JSON",
-    help="fsspec options for s3:// and other URLs, as JSON (default: $CURATE_STORAGE_OPTIONS, then "
-         "the usual AWS environment variables).")
+from curate.catalog.connection import connect
+from curate.catalog.remote import init_remote_catalog
+from curate.cli.options import catalog_option, progress, storage_option
+from curate.engine import Engine
+from curate.features.text import build_text_features
+from curate.run import run_filter
+from curate.run.assemble import concat_bucket_directory
+from curate.run.query import parse_sets
+from curate.storage import storage_options_from_env
 
 
 @click.group("ray")
@@ -49,8 +31,7 @@ def ray_group():
 
 @ray_group.command("run")
 @click.argument("filter_file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--catalog", "-c", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Catalog file (default: $CURATE_CATALOG or the bundled catalog.duckdb.example).")
+@catalog_option()
 @click.option("--out", "-o", default=None, metavar="PATH|URL",
               help="Subset to write (default: subsets/FILTER.npy); may be s3://...; a .json manifest goes beside it.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
@@ -77,16 +58,10 @@ def ray_run(filter_file, catalog, out, sets, ray_address, num_cpus, max_in_fligh
       curate ray run filters/clip_score_l14_30pct.sql --ray-address auto \\
           -c pool.duckdb -o s3://bucket/subsets/l14_30pct.npy
     """
-    import sys
-
-    from curate.run.ray import run_filter_ray
-    from curate.run.runner import parse_sets
-
-    res = run_filter_ray(filter_file, catalog=catalog, out=out, sets=parse_sets(sets),
-                         progress=sys.stderr.isatty(), address=ray_address, num_cpus=num_cpus,
-                         max_in_flight=max_in_flight, work_dir=work_dir, keep_work=keep_work,
-                         bucket_records=bucket_records, layout=layout,
-                         storage_options=_storage_options(storage_options))
+    engine = Engine("ray", address=ray_address, num_cpus=num_cpus, max_in_flight=max_in_flight)
+    res = run_filter(filter_file, catalog=catalog, out=out, sets=parse_sets(sets), progress=progress(),
+                     engine=engine, work_dir=work_dir, keep_work=keep_work, bucket_records=bucket_records,
+                     layout=layout, storage_options=storage_options)
     pct = 100.0 * res.count / res.pool_rows if res.pool_rows else 0.0
     params = ", ".join(f"{k}={v}" for k, v in res.params.items())
     click.echo(f"{filter_file}: kept {res.count:,} of {res.pool_rows:,} samples ({pct:.2f}%), "
@@ -95,7 +70,7 @@ def ray_run(filter_file, catalog, out, sets, ray_address, num_cpus, max_in_fligh
 
 
 @ray_group.command("catalog-init")
-@click.argument("catalog", type=click.Path(dir_okay=False, path_type=Path))
+@catalog_option(positional=True, required=True, help="Catalog file to create.")
 @click.option("--metadata", required=True, metavar="URL", help="The pool's metadata dir, e.g. s3://bucket/pool/metadata.")
 @click.option("--shards", default=None, metavar="URL", help="The pool's shards dir (recorded in the catalog).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing catalog file.")
@@ -107,17 +82,9 @@ def ray_catalog_init(catalog, metadata, shards, overwrite, storage_options):
     Example:
       curate ray catalog-init pool.duckdb --metadata s3://bucket/datacomp/small/metadata
     """
-    from curate.catalog.remote import init_remote_catalog
-
     t0 = time.perf_counter()
-    opts = _storage_options(storage_options)
-    if opts is None:
-        from curate.storage import storage_options_from_env
-
-        opts = storage_options_from_env()
+    opts = storage_options if storage_options is not None else storage_options_from_env()
     path = init_remote_catalog(catalog, metadata, shards, storage_options=opts, overwrite=overwrite)
-    from curate.catalog.connection import connect
-
     con = connect(path)
     n, files = con.execute("SELECT sum(num_rows), count(*) FROM pool_files").fetchone()
     con.close()
@@ -135,16 +102,13 @@ def ray_subset_concat(directory, out):
     Example:
       curate ray subset-concat subsets/no_filter_xlarge/ subsets/no_filter_xlarge.npy
     """
-    from curate.run.assemble import concat_bucket_directory
-
     t0 = time.perf_counter()
     n = concat_bucket_directory(directory, out)
     click.echo(f"wrote {out}: {n:,} uids from {directory} in {time.perf_counter() - t0:.2f}s")
 
 
 @ray_group.command("features-text")
-@click.option("--catalog", "-c", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Catalog file (default: $CURATE_CATALOG or the bundled catalog.duckdb.example).")
+@catalog_option()
 @click.option("--lid-model", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="fastText LID model (default: as `curate features text`).")
 @click.option("--force", is_flag=True, help="Recompute every pool file.")
@@ -158,11 +122,7 @@ def ray_features_text(catalog, lid_model, force, ray_address, num_cpus):
     Example:
       curate ray features-text -c pool.duckdb --ray-address auto
     """
-    import sys
-
-    from curate.features.ray import build_text_features_ray
-
-    res = build_text_features_ray(catalog, lid_model=lid_model, progress=sys.stderr.isatty(), force=force,
-                                  address=ray_address, num_cpus=num_cpus)
+    res = build_text_features(catalog, lid_model=lid_model, progress=progress(), force=force,
+                              engine=Engine(kind="ray", address=ray_address, num_cpus=num_cpus))
     click.echo(f"text_features: computed {len(res.computed)} file(s) ({res.rows_computed:,} captions), "
                f"{len(res.skipped)} up to date, in {res.elapsed:.1f}s -> {res.out_dir}")

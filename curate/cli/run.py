@@ -1,15 +1,17 @@
-"""``curate run`` and ``curate lint``: a filter file to a subset file, or checked without running."""
+"""``curate run``, ``curate lint`` and ``curate filters``: a filter file to a subset file, checked
+without running, and the bundled filters listed. Thin calls of :mod:`curate.run`."""
 
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import click
 
-from curate.cli.options import catalog_option, engine_options
-from curate.errors import CurateError
+from curate.cli.options import catalog_option, engine_options, progress
+from curate.run import run_filter
+from curate.run.lint import lint_filter
+from curate.run.query import bundled_filters, parse_sets
 
 
 @click.command("run")
@@ -21,22 +23,16 @@ from curate.errors import CurateError
               help="Override a parameter the filter declares with SET VARIABLE (repeatable).")
 @engine_options("one DuckDB task per pool file")
 def run_cmd(filter_file, catalog, out, sets, engine):
-    """Run a SQL filter and write a DataComp subset file (sorted u8,u8 .npy).
+    """Run a SQL filter (a file, or a bundled filter's name: see `curate filters`) and write a
+    DataComp subset file (sorted u8,u8 .npy).
 
     \b
     Example:
       curate run filters/clip_score_l14_30pct.sql --set fraction=0.1 -o subsets/l14_10pct.npy
+      curate run clip_score_l14_30pct -c pool.duckdb -o subsets/l14_30pct.npy
     """
-    from curate.run.runner import parse_sets, run_filter
-
-    if engine.distributed:
-        from curate.run.ray import run_filter_ray
-
-        res = run_filter_ray(filter_file, catalog=catalog, out=out, sets=parse_sets(sets),
-                             progress=sys.stderr.isatty(), address=engine.address)
-    else:
-        res = run_filter(filter_file, catalog=catalog, out=out, sets=parse_sets(sets),
-                         progress=sys.stderr.isatty())
+    res = run_filter(filter_file, catalog=catalog, out=out, sets=parse_sets(sets), progress=progress(),
+                     engine=engine)
     pct = 100.0 * res.count / res.pool_rows if res.pool_rows else 0.0
     params = ", ".join([f"{k}={v}" for k, v in res.params.items()]
                        + [f"threshold={'NaN' if t['threshold'] is None else format(t['threshold'], '.9g')}"
@@ -50,14 +46,12 @@ def run_cmd(filter_file, catalog, out, sets, engine):
 @click.argument("filter_file", type=click.Path(dir_okay=False, path_type=Path))
 @catalog_option()
 def lint_cmd(filter_file, catalog):
-    """Check a filter against the catalog schema without running it.
+    """Check a filter (a file or a bundled filter's name) against the catalog schema without running it.
 
     \b
     Example:
       curate lint filters/laion2b.sql
     """
-    from curate.run.lint import lint_filter
-
     rep = lint_filter(filter_file, catalog)
     for err in rep.errors:
         click.echo(f"error: {err}", err=True)
@@ -69,3 +63,20 @@ def lint_cmd(filter_file, catalog):
                    f"parameters: {', '.join(f'{k}={v}' for k, v in rep.params.items()) or 'none'}")
     else:
         sys.exit(1)
+
+
+@click.command("filters")
+def filters_cmd():
+    """List the bundled filters: the name `curate run NAME` takes, the parameters each declares
+    with their defaults (override with --set), and what it keeps.
+
+    \b
+    Example:
+      curate filters
+      curate run clip_score_l14_30pct --set fraction=0.1 -o subsets/l14_10pct.npy
+    """
+    for f in bundled_filters():
+        params = ", ".join(f"{k}={v}" for k, v in f.params.items()) or "no parameters"
+        click.echo(f"{f.name}: {params}")
+        if f.summary:
+            click.echo(f"    {f.summary}")

@@ -1,6 +1,7 @@
 """Command line for resharding and shard directories: ``curate reshard`` and ``curate shards ...``.
 
-Thin click wrappers over :mod:`curate.shards.reshard` and :mod:`curate.shards.index`; each prints what it did.
+Thin click wrappers over :mod:`curate.shards.reshard`, :mod:`curate.shards.index` and
+:mod:`curate.shards.verify`; each prints what it did.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from pathlib import Path
 
 import click
 
-from curate.cli.ray import engine_options
-
+from curate.cli.options import catalog_option, engine_options, progress
 from curate.errors import CurateError
+from curate.shards.index import index_catalog
+from curate.shards.reshard import reshard
+from curate.shards.verify import verify_dir
 
 
 @click.command("reshard")
@@ -25,19 +28,17 @@ from curate.errors import CurateError
 @click.option("--subset-file", "-s", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Subset file (sorted u8,u8 .npy or raw memmap).")
 @click.option("--shard-size", default=10000, show_default=True, help="Samples per output shard.")
-@click.option("--workers", "-j", type=int, default=None, help="Worker processes (default: all cores).")
-@click.option("--cls-file", "-c", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--cls-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="uid -> class id (TiC pickle, parquet uid/cls, or JSON); adds a `cls` member.")
 @click.option("--apply-blur", is_flag=True, help="Blur faces (boxes from each sample's json, or the pool "
               "with --catalog) and re-encode those images as webp.")
 @click.option("--inject-blur-metadata", is_flag=True, help="Write face_bboxes into each sample's json.")
-@click.option("--catalog", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Catalog whose shard index covers the input (from `curate shards index`); "
-              "also the source of face boxes for --apply-blur.")
+@catalog_option(help="Catalog whose shard index covers the input (from `curate shards index`); "
+                     "also the source of face boxes for --apply-blur.")
 @click.option("--overwrite", is_flag=True, help="Replace the contents of a non-empty output dir.")
-@engine_options("one task per output shard")
-def reshard_cmd(inputs, output_dir, subset_file, shard_size, workers, cls_file, apply_blur,
-                inject_blur_metadata, catalog, overwrite, engine, ray_address):
+@engine_options("one task per output shard", workers=True, workers_help="Worker processes (default: all cores).")
+def reshard_cmd(inputs, output_dir, subset_file, shard_size, cls_file, apply_blur, inject_blur_metadata,
+                catalog, overwrite, engine):
     """Write webdataset shards holding exactly the samples of a subset file.
 
     Only input shards holding selected samples are read (planned from the shard index). A
@@ -48,13 +49,9 @@ def reshard_cmd(inputs, output_dir, subset_file, shard_size, workers, cls_file, 
       curate shards index pool.duckdb
       curate reshard -i /data/pool/shards -o /data/l14_30pct -s subsets/l14_30pct.npy --catalog pool.duckdb
     """
-    from curate.shards.reshard import reshard
-
     res = reshard(list(inputs), output_dir, subset_file, cls=cls_file, shard_size=shard_size,
-                  workers=workers, apply_blur=apply_blur, inject_blur_metadata=inject_blur_metadata,
-                  overwrite=overwrite, catalog=catalog,
-                  blur_from_catalog=bool(catalog) and (apply_blur or inject_blur_metadata),
-                  progress=sys.stderr.isatty(), engine=engine, ray_address=ray_address)
+                  apply_blur=apply_blur, inject_blur_metadata=inject_blur_metadata, overwrite=overwrite,
+                  catalog=catalog, progress=progress(), engine=engine)
     for line in res.summary():
         click.echo(line)
     rate = res.output_count / res.elapsed if res.elapsed else 0.0
@@ -67,25 +64,23 @@ def shards_group():
 
 
 @shards_group.command("index")
-@click.argument("catalog", type=click.Path(dir_okay=False, path_type=Path))
+@catalog_option(positional=True, required=True)
 @click.option("--shards", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Shard directory to index (default: the catalog's shards dir).")
 @click.option("--workers", "-j", type=int, default=2, show_default=True)
 def shards_index_cmd(catalog, shards, workers):
     """Record which uid is in which tar (and where) as tables in CATALOG.
 
-    Reads tar headers (and img2dataset's per-shard parquet, else each json); tars already
-    indexed and unchanged are skipped.
+    Reads tar headers and each sample's json (img2dataset's per-shard parquet for samples
+    without one); tars already indexed and unchanged are skipped.
 
     \b
     Example:
       curate shards index pool.duckdb
       curate shards index pool.duckdb --shards /data/tic/eval/all
     """
-    from curate.shards.index import index_catalog
-
     t0 = time.perf_counter()
-    r = index_catalog(catalog, shards, workers=workers, progress=sys.stderr.isatty())
+    r = index_catalog(catalog, shards, workers=workers, progress=progress())
     click.echo(f"{r.root}: {r.samples:,} samples in {r.tars} tars ({r.scanned} scanned now) "
                f"indexed in {catalog} in {time.perf_counter() - t0:.2f}s")
     if r.truncated:
@@ -100,8 +95,7 @@ def shards_index_cmd(catalog, shards, workers):
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--input-dir", "-i", "inputs", multiple=True, type=click.Path(file_okay=False, path_type=Path),
               help="For a reshard output: its input dir(s), to recount the subset entries they hold.")
-@click.option("--catalog", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Catalog with a shard index of the input (saves scanning it).")
+@catalog_option(help="Catalog with a shard index of the input (saves scanning it).")
 def shards_verify_cmd(directory, inputs, catalog):
     """Check every tar of DIRECTORY parses, counts match _stats.json / sizes.json, keys are sound.
 
@@ -113,12 +107,10 @@ def shards_verify_cmd(directory, inputs, catalog):
     Example:
       curate shards verify /data/l14_30pct -i /data/pool/shards --catalog pool.duckdb
     """
-    from curate.shards.index import verify_dir
-
     if not directory.is_dir():
         raise CurateError(f"{directory}: directory not found")
     t0 = time.perf_counter()
-    rep = verify_dir(directory, progress=sys.stderr.isatty(), inputs=list(inputs), catalog=catalog)
+    rep = verify_dir(directory, progress=progress(), inputs=list(inputs), catalog=catalog)
     for p in rep.problems:
         click.echo(f"problem: {p}", err=True)
     kind = "reshard output" if rep.reshard_output else "shard directory"

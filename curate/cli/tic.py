@@ -1,16 +1,21 @@
-"""``curate tic ...``: thin click commands over :mod:`curate.tic` (attach, export, plan, stats, artifacts)."""
+"""``curate tic ...``: the whole ``tic`` group, thin click commands over :mod:`curate.tic` (attach,
+export, plan, prepare, train, stats, artifacts) and :mod:`curate.evaluate.matrix` (matrix)."""
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 import click
 
-from curate.cli.ray import engine_options
+from curate.cli.options import catalog_option, engine_options, progress
+from curate.run.query import parse_sets
+from curate.tic.analytics import time_stats, write_stats
+from curate.tic.artifacts import Assignment, make_tic_artifacts
+from curate.tic.attach import attach
+from curate.tic.export import export_tic
+from curate.tic.prepare import prepare_plan
 
-catalog_arg = click.argument("catalog", type=click.Path(dir_okay=False, path_type=Path))
 filter_opt = click.option("--filter", "filter_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
                           help="Restrict training splits to a subset file (.npy) or a filter's result (.sql).")
 set_opt = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
@@ -23,7 +28,7 @@ def tic():
 
 
 @tic.command("attach")
-@catalog_arg
+@catalog_option(positional=True, required=True)
 @click.option("--tic-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory with TiC's artifacts (yearly/monthly uid files, eval maps).")
 def attach_cmd(catalog, tic_dir):
@@ -33,9 +38,7 @@ def attach_cmd(catalog, tic_dir):
     Example:
       curate tic attach pool.duckdb --tic-dir /data/tic-datacomp
     """
-    from curate.tic.attach import attach
-
-    r = attach(catalog, tic_dir, progress=sys.stderr.isatty())
+    r = attach(catalog, tic_dir, progress=progress())
     if r.yearly:
         click.echo(f"yearly:  {sum(r.yearly.values()):,} uids in {len(r.yearly)} years "
                    f"({min(r.yearly)}..{max(r.yearly)}) from {r.sources['yearly']}")
@@ -51,7 +54,7 @@ def attach_cmd(catalog, tic_dir):
 
 
 @tic.command("export")
-@catalog_arg
+@catalog_option(positional=True, required=True)
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output directory (yearly/, monthly/, eval/).")
 @filter_opt
@@ -60,62 +63,18 @@ def attach_cmd(catalog, tic_dir):
               help="Reshard the eval sets into clip_benchmark webdatasets (default: when shards exist).")
 @click.option("--shards", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Pool shard dir for the eval sets (default: the catalog's shards dir).")
-@click.option("--workers", "-j", type=int, default=None, help="Reshard worker processes.")
 @engine_options("a .sql --filter per pool file and the eval-set shards as tasks (the streaming "
-                "pass that writes the split files stays here)")
-def export_cmd(catalog, out, filter_path, sets, eval_sets, shards, workers, engine, ray_address):
+                "pass that writes the split files stays here)", workers=True,
+                workers_help="Reshard worker processes.")
+def export_cmd(catalog, out, filter_path, sets, eval_sets, shards, engine):
     """Write every yearly and monthly subset file (one pass) and the eval sets.
 
     \b
     Example:
       curate tic export pool.duckdb --out tic/ --filter subsets/basic_filter.npy
     """
-    from curate.catalog.connection import catalog_meta, connect, resolve_path
-    from curate.run.runner import parse_sets
-    from curate.tic.export import export_splits
-
-    sets = parse_sets(sets)
-    if engine == "ray" and filter_path and str(filter_path).endswith(".sql"):
-        from curate.run.ray import run_filter_ray
-
-        subset = Path(out) / "filter" / (Path(filter_path).stem + ".npy")
-        fr = run_filter_ray(filter_path, catalog=catalog, out=subset, sets=sets, progress=sys.stderr.isatty(),
-                            address=ray_address)
-        click.echo(f"filter {filter_path} on ray: {fr.count:,} uids -> {subset}")
-        filter_path, sets = subset, {}
-    r = export_splits(catalog, out, filter_path, sets, progress=sys.stderr.isatty())
-    n_train = sum(r.yearly.values())
-    click.echo(f"read {r.rows_read:,} timestamped samples of {r.pool_rows:,}"
-               + (f" (training splits ∩ {r.filter})" if r.filter else ""))
-    click.echo(f"wrote {len(r.yearly)} yearly files ({n_train:,} uids) and {len(r.monthly)} monthly files "
-               f"under {out} in {r.elapsed:.2f}s")
-    click.echo(f"eval subsets: retrieval {sum(r.retrieval.values()):,} uids, "
-               f"datacompnet {sum(r.datacompnet.values()):,} uids in {len(r.retrieval) + len(r.datacompnet)} files")
-    if eval_sets is False or not (r.retrieval or r.datacompnet):
-        return
-    if shards is None:
-        con = connect(catalog)
-        stored = catalog_meta(con).get("shards_dir")
-        shards = resolve_path(con, stored, catalog) if stored else None
-        con.close()
-    if shards is None or not Path(shards).is_dir():
-        if eval_sets:
-            from curate.tic import TicError
-
-            raise TicError(f"{catalog}: no pool shard directory to reshard the eval sets from; pass --shards DIR")
-        click.echo("eval sets not resharded: the catalog has no shard directory (pass --shards DIR)")
-        return
-    from curate.tic.evalsets import reshard_eval_sets
-
-    t0 = time.perf_counter()
-    e = reshard_eval_sets(out, shards, catalog=catalog, workers=workers, progress=sys.stderr.isatty(),
-                          engine=engine, ray_address=ray_address)
-    click.echo(f"eval sets: {sum(e.dirs.values()):,} samples in {len(e.dirs)} clip_benchmark dirs under "
-               f"{out / 'eval'} (read {e.input_shards_read} of {e.input_shards_total} pool shards) "
-               f"in {time.perf_counter() - t0:.2f}s")
-    if e.missing:
-        click.echo(f"note: {sum(e.missing.values()):,} eval uids have no downloaded sample in {shards}")
-    click.echo(f"wrote {e.tasklist} (curate eval --tasks {e.tasklist} --data-dir {out})")
+    export_tic(catalog, out, filter_path, parse_sets(sets), eval_sets=eval_sets, shards=shards, engine=engine,
+               progress=progress(), echo=click.echo)
 
 
 @tic.command("plan")
@@ -147,17 +106,11 @@ def plan_cmd(strategy, steps, budget, sizes, out, scale, buffer, warm_start_warm
       curate tic plan --strategy cumulative-exp --steps 2016,2017,2018,2019,2020,2021,2022 \\
           --sizes tic/ --out plans/cumulative-exp.json
     """
-    from curate.tic.plan import load_sizes, make_plan, parse_steps, write_plan
-    from curate.train.trainer import scale_config
+    from curate.tic.train import plan_for_scale  # lazy: optional extra [torch] (curate.train needs pyyaml)
 
-    cfg = scale_config(scale)
-    sz, src = load_sizes(sizes)
-    plan = make_plan(strategy, parse_steps(steps, first_year), budget or int(cfg["train_num_samples"]), sz,
-                     sizes_source=src, first_year=first_year,
-                     scale=scale, warmup=int(cfg["warmup"]), warm_start_warmup=warm_start_warmup, buffer=buffer,
-                     splits_root=splits_root, replay_root=replay_root, runs_root=runs_root, seed=seed,
-                     export_dir=str(sizes if sizes.is_dir() else Path(src).parent.parent))
-    write_plan(plan, out)
+    plan = plan_for_scale(strategy, steps, sizes, out, budget=budget, scale=scale, first_year=first_year,
+                          warm_start_warmup=warm_start_warmup, buffer=buffer, splits_root=splits_root,
+                          replay_root=replay_root, runs_root=runs_root, seed=seed)
     for s in plan["steps"]:
         parts = ", ".join(f"{'+'.join(map(str, d['years']))}:{d['samples']:,}"
                           + ("(replay)" if d["role"] == "replay" else "") for d in s["data"])
@@ -168,16 +121,15 @@ def plan_cmd(strategy, steps, budget, sizes, out, scale, buffer, warm_start_warm
 
 @tic.command("prepare")
 @click.argument("plan", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--catalog", "-c", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Catalog with the TiC views (the replay filters run on it).")
+@catalog_option(required=True, help="Catalog with the TiC views (the replay filters run on it).")
 @click.option("--shards", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Pool shard dir (default: the catalog's shards dir).")
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Directory the plan's relative paths are under (default: the working directory).")
 @click.option("--only", default=None, help="Only these step names (comma-separated).")
-@click.option("--workers", "-j", type=int, default=None, help="Reshard worker processes.")
+@engine_options("one task per output shard", workers=True, workers_help="Reshard worker processes.")
 @click.option("--overwrite", is_flag=True, help="Replace data dirs that hold another reshard job's output.")
-def prepare_cmd(plan, catalog, shards, root, only, workers, overwrite):
+def prepare_cmd(plan, catalog, shards, root, only, engine, overwrite):
     """Make a plan's replay subsets and reshard all its data dirs (one multi-output job).
 
     \b
@@ -186,19 +138,8 @@ def prepare_cmd(plan, catalog, shards, root, only, workers, overwrite):
       curate tic prepare plan.json --catalog pool.duckdb
       curate tic train plan.json
     """
-    from curate.catalog.connection import catalog_meta, connect, resolve_path
-    from curate.tic import TicError
-    from curate.tic.prepare import prepare_plan
-
-    if shards is None:
-        con = connect(catalog)
-        stored = catalog_meta(con).get("shards_dir")
-        shards = resolve_path(con, stored, catalog) if stored else None
-        con.close()
-        if shards is None:
-            raise TicError(f"{catalog}: no shards dir recorded; pass --shards DIR")
     r = prepare_plan(plan, catalog, shards, root=root, only=[s for s in (only or "").split(",") if s] or None,
-                     workers=workers, overwrite=overwrite, progress=sys.stderr.isatty())
+                     engine=engine, overwrite=overwrite, progress=progress())
     click.echo(f"replay subsets: {len(r.subsets_made)} made, {len(r.subsets_kept)} already there")
     for d, n in r.dirs.items():
         click.echo(f"  {d}: {n:,} samples")
@@ -206,7 +147,7 @@ def prepare_cmd(plan, catalog, shards, root, only, workers, overwrite):
 
 
 @tic.command("stats")
-@catalog_arg
+@catalog_option(positional=True, required=True)
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory for the CSV tables and tic_stats.png.")
 @filter_opt
@@ -218,9 +159,6 @@ def stats_cmd(catalog, out, filter_path, sets):
     Example:
       curate tic stats pool.duckdb --out report/ --filter filters/clip_score_l14_30pct.sql
     """
-    from curate.run.runner import parse_sets
-    from curate.tic.analytics import time_stats, write_stats
-
     st = time_stats(catalog, filter_path, parse_sets(sets))
     click.echo("year   samples    eval" + ("   kept  keep%" if st.keep else ""))
     keep = {y: (k, r) for y, _, k, r in st.keep}
@@ -234,7 +172,7 @@ def stats_cmd(catalog, out, filter_path, sets):
 
 
 @tic.command("artifacts")
-@catalog_arg
+@catalog_option(positional=True, required=True)
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--monthly", type=click.Choice(["npy", "tar"]), default="npy", show_default=True,
               help="Monthly files as .npy (Hugging Face) or one .tar per year (docs-assets).")
@@ -248,8 +186,6 @@ def artifacts_cmd(catalog, out, monthly, seed, retrieval_fraction, datacompnet_f
     Example:
       curate tic artifacts catalog.duckdb.example --out /tmp/tic-artifacts --monthly tar
     """
-    from curate.tic.artifacts import Assignment, make_tic_artifacts
-
     t0 = time.perf_counter()
     c = make_tic_artifacts(catalog, out, monthly=monthly, assignment=Assignment(
         seed=seed, retrieval_fraction=retrieval_fraction, datacompnet_fraction=datacompnet_fraction))
@@ -258,9 +194,54 @@ def artifacts_cmd(catalog, out, monthly, seed, retrieval_fraction, datacompnet_f
                f"in {time.perf_counter() - t0:.2f}s")
 
 
-# moved here from their modules by the owners of those groups (temporary wiring)
-from curate.cli.train import tic_train_cmd  # noqa: E402
-from curate.cli.evaluate import tic_matrix_cmd  # noqa: E402
 
-tic.add_command(tic_train_cmd)
-tic.add_command(tic_matrix_cmd)
+@tic.command("train")
+@click.argument("plan", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory the plan's relative paths are relative to (default: current dir).")
+@click.option("--workers", default=4, show_default=True)
+@click.option("--precision", default=None)
+@click.option("--num-checkpoints", default=5, show_default=True)
+@click.option("--threads", type=int, default=None, help="CPU threads per trainer process (OMP_NUM_THREADS).")
+@click.option("--only", default=None, help="Run only these step names (comma-separated).")
+@click.option("--quiet", "-q", is_flag=True)
+def train_cmd(plan, root, workers, precision, num_checkpoints, threads, only, quiet):
+    """Run a TiC continual plan step by step (warm starts where the plan says; done steps skipped).
+
+    \b
+    Example:
+      curate tic plan cumulative-all --steps 2016,2017,2018 --budget 20000 -o plan.json
+      curate tic train plan.json --workers 2
+    """
+    from curate.tic.train import run_plan  # lazy: optional extra [torch] (open_clip's trainer)
+
+    t0 = time.perf_counter()
+    done = run_plan(plan, root=root, workers=workers, precision=precision, num_checkpoints=num_checkpoints,
+                    threads=threads, only=[s for s in (only or "").split(",") if s] or None,
+                    echo=None if quiet else (lambda line: click.echo(line, err=True)),
+                    say=click.echo)
+    click.echo(f"{plan}: {sum(1 for d in done if d['status'] == 'trained')} steps trained, "
+               f"{sum(1 for d in done if d['status'] == 'skipped')} already done, in {time.perf_counter() - t0:.1f}s")
+
+
+@tic.command("matrix")
+@click.argument("runs", nargs=-1, required=True, metavar="STEP=EVAL_DIR...")
+@click.option("--kind", type=click.Choice(["retrieval", "datacompnet"]), default="retrieval", show_default=True)
+@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), default=Path("tic_matrix.png"),
+              show_default=True, help="Heatmap PNG; the numbers go to the same name with .json.")
+def matrix_cmd(runs, kind, out):
+    """TiC dynamic evaluation matrix with ID / backward / forward transfer and a heatmap.
+
+    Give the models in training order as STEP=DIR, where DIR holds the eval_results.jsonl of
+    `curate eval --tasks TIC_TASKLIST` for that step's model.
+
+    \b
+    Example:
+      curate tic matrix 2016=runs/tic/cumulative-all/2016 2017=runs/tic/cumulative-all/2017 -o m.png
+    """
+    from curate.evaluate.matrix import parse_step_dirs, write_matrix  # lazy: optional extra [torch] (pyyaml)
+
+    res, png, js = write_matrix(parse_step_dirs(runs), out, kind=kind)
+    f = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    click.echo(f"{kind}: ID {f(res['id'])}, backward transfer {f(res['backward'])}, forward transfer {f(res['forward'])}")
+    click.echo(f"wrote {png} and {js}")

@@ -1,16 +1,16 @@
-"""Command line for fixed training: ``curate train`` and ``curate tic train PLAN``.
+"""Command line for fixed training: ``curate train`` (``curate tic train PLAN`` is in :mod:`curate.cli.tic`).
 
-Thin click wrappers over :mod:`curate.train.trainer`; DataComp's underscored flags are spelled with
+A thin click wrapper over :mod:`curate.train.trainer`; DataComp's underscored flags are spelled with
 hyphens here (``--data-dir`` is accepted for ``--data``).
 """
 
 from __future__ import annotations
 
-import sys
-import time
 from pathlib import Path
 
 import click
+
+from curate.train.trainer import TrainSpec, train
 
 
 @click.command("train")
@@ -55,8 +55,6 @@ def train_cmd(quiet, **kw):
       curate train --scale tiny --data resharded/clip_score --output-dir runs --exp-name clip_score_s0
       curate train --scale small --data a/::b/ --data-weights 1::2 --output-dir runs --workers 8
     """
-    from curate.train.trainer import TrainSpec, train
-
     spec = TrainSpec(**kw)
     res = train(spec, echo=None if quiet else (lambda line: click.echo(line, err=True)))
     rec = res.record
@@ -64,31 +62,3 @@ def train_cmd(quiet, **kw):
     click.echo(f"wrote {rec} in {res.elapsed:.1f}s"
                + (f" ({res.samples_available:,} samples available)" if res.samples_available else ""))
 
-
-@click.command("train")
-@click.argument("plan", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Directory the plan's relative paths are relative to (default: current dir).")
-@click.option("--workers", default=4, show_default=True)
-@click.option("--precision", default=None)
-@click.option("--num-checkpoints", default=5, show_default=True)
-@click.option("--threads", type=int, default=None, help="CPU threads per trainer process (OMP_NUM_THREADS).")
-@click.option("--only", default=None, help="Run only these step names (comma-separated).")
-@click.option("--quiet", "-q", is_flag=True)
-def tic_train_cmd(plan, root, workers, precision, num_checkpoints, threads, only, quiet):
-    """Run a TiC continual plan step by step (warm starts where the plan says; done steps skipped).
-
-    \b
-    Example:
-      curate tic plan cumulative-all --steps 2016,2017,2018 --budget 20000 -o plan.json
-      curate tic train plan.json --workers 2
-    """
-    from curate.train.trainer import run_plan
-
-    t0 = time.perf_counter()
-    done = run_plan(plan, root=root, workers=workers, precision=precision, num_checkpoints=num_checkpoints,
-                    threads=threads, only=[s for s in (only or "").split(",") if s] or None,
-                    echo=None if quiet else (lambda line: click.echo(line, err=True)),
-                    say=click.echo)
-    click.echo(f"{plan}: {sum(1 for d in done if d['status'] == 'trained')} steps trained, "
-               f"{sum(1 for d in done if d['status'] == 'skipped')} already done, in {time.perf_counter() - t0:.1f}s")

@@ -12,6 +12,8 @@ from pathlib import Path
 from curate import resources
 from curate.catalog.connection import connect, init_catalog
 from curate.errors import CurateError
+from curate.features.cld3 import build_text_lang_cld3
+from curate.features.text import build_text_features
 from curate.pool.sample import generate_pool
 
 SAMPLE_POOL_DIR = Path("data") / "sample_pool"
@@ -34,11 +36,8 @@ def build_example(root: str | Path | None = None, text_features: bool = True) ->
     catalog = init_catalog(root / CATALOG_NAME, pool=pool, relative=True, overwrite=True,
                            features_dir=pool / "features")
     if text_features:
-        from curate.features.cld3 import build_text_lang_cld3
-        from curate.features.text import build_text_features
-
-        build_text_features(catalog, workers=1, progress=False, force=True)
-        build_text_lang_cld3(catalog, workers=1, progress=False, force=True)
+        build_text_features(catalog, progress=False, force=True)  # a small pool: computed in this process
+        build_text_lang_cld3(catalog, progress=False, force=True)
     return catalog
 
 

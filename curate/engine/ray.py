@@ -22,6 +22,8 @@ import logging
 import os
 import sys
 
+from tqdm import tqdm
+
 from curate.errors import CurateError
 
 
@@ -31,7 +33,7 @@ class EngineError(CurateError):
 
 def _ray():
     try:
-        import ray
+        import ray  # lazy: optional extra [ray]
     except ImportError:
         raise EngineError("the ray engine needs Ray: pip install 'curate[ray]'") from None
     return ray
@@ -85,7 +87,6 @@ def ray_map(fn, arg_tuples, *, desc: str = "tasks", progress: bool = False, max_
     shared argument is shipped once, not once per task.
     """
     ray = _ray()
-    from tqdm import tqdm
 
     remote = _remote_call(ray, max_retries, num_cpus)
     items = list(arg_tuples)
@@ -119,7 +120,6 @@ def ray_imap(fn, arg_tuples, **kw):
     producers' per-file work): ``for r in ray_imap(_write_task, [(t,) for t in tasks]): ...``.
     """
     ray = _ray()
-    from tqdm import tqdm
 
     items = list(arg_tuples)
     num_cpus, max_retries = kw.get("num_cpus", 1), kw.get("max_retries", 3)

@@ -13,8 +13,9 @@ lang_cld3             ``gcld3.NNetLanguageIdentifier(min_num_bytes=0, max_num_by
 ====================  ==========================================================================
 
 Everything else -- resumable per-file outputs written atomically, stale detection from the
-source file's identity and the CLD3 settings recorded in each output, worker processes, no
-partial table on a NULL or non-UTF-8 caption -- is the shared machinery of
+source file's identity and the CLD3 settings recorded in each output, one task per stale pool
+file run where the :class:`~curate.engine.Engine` given says (this process, worker processes,
+Ray), no partial table on a NULL or non-UTF-8 caption -- is the shared machinery of
 :func:`curate.features.text.build_table`.
 """
 
@@ -25,6 +26,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from curate.engine import Engine
+from curate.features.langid import Cld3LID, cld3_identity
 from curate.features.text import (BuildResult, CaptionTable, CaptionTableProducer, PoolFileRef, build_table,
                                  per_distinct, write_caption_table)
 
@@ -43,15 +46,11 @@ def _cld3():
     """The detector, created once per process."""
     global _CLD3
     if _CLD3 is None:
-        from curate.features.langid import Cld3LID
-
         _CLD3 = Cld3LID()
     return _CLD3
 
 
 def settings_identity() -> dict:
-    from curate.features.langid import cld3_identity
-
     return {"schema": SCHEMA_VERSION, "cld3": cld3_identity()}
 
 
@@ -74,10 +73,13 @@ def _comparable(settings: dict) -> dict:
 TABLE = CaptionTable(VIEW, META_KEY, compute_file, _settings, _comparable, lambda settings: _cld3())
 
 
-def build_text_lang_cld3(catalog=None, workers: int | None = None, progress: bool = True,
-                         force: bool = False) -> BuildResult:
-    """Compute CLD3 labels for every pool file that lacks current ones; register ``text_lang_cld3``."""
-    return build_table(TABLE, catalog, workers=workers, progress=progress, force=force)
+def build_text_lang_cld3(catalog=None, progress: bool = True, force: bool = False,
+                         engine: Engine | None = None) -> BuildResult:
+    """Compute CLD3 labels for every pool file that lacks current ones; register ``text_lang_cld3``.
+
+    One task per stale pool file, run where ``engine`` says (None: this machine).
+    """
+    return build_table(TABLE, catalog, progress=progress, force=force, engine=engine)
 
 
 PRODUCER = CaptionTableProducer(TABLE, build_text_lang_cld3, lambda s: {"cld3": s["cld3"]})

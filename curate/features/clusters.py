@@ -11,8 +11,9 @@ tables, all keyed by the cluster set's name (the filters' ``clusters`` parameter
 * ``cluster_targets(cluster_set, cluster)``: the distinct nearest centroids of the target
   embeddings (``targets.parquet``);
 * ``cluster_assignments(cluster_set, uid, file, row, cluster)``: every pool row's nearest
-  centroid, one parquet per pool file (resumable), built by the :data:`ASSIGNMENTS` producer the
-  first time a filter needs it.
+  centroid, one parquet per pool file (resumable; each file a task of
+  :func:`curate.engine.map_tasks`, run where the :class:`~curate.engine.Engine` given says),
+  built by the :data:`ASSIGNMENTS` producer the first time a filter needs it.
 
 "Nearest" is DataComp's: **argmax of the inner product** with the centroids as stored (they are
 not renormalised, so this is not the L2 k-means cell), first index on ties (``torch.argmax`` /
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
-import hashlib
 import json
 import pickle
 import re
@@ -33,16 +33,21 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from duckdb.sqltypes import FLOAT, INTEGER
 from tqdm import tqdm
 
-from curate.atomic import atomic_path, write_json
+from curate.atomic import atomic_path, file_sha256, write_json
 from curate.catalog.connection import connect, default_catalog, features_dir, register_parquet_view
-from curate.features.embeddings import EmbeddingError, iter_batches, pool_dim, pool_embedding_files
+from curate.engine import Engine, map_tasks
 from curate.errors import CurateError
+from curate.features.embeddings import EmbeddingError, iter_batches, pool_dim, pool_embedding_files
+from curate.features.registry import ensure_features
 from curate.safepickle import UnsafePickle, safe_loads
+from curate.subset import NPY_MAGIC
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 #: float32 score cells per assignment step (64 MB): batch rows = SCORE_CELLS // K
@@ -72,8 +77,8 @@ def load_array_file(path, what: str, key: str | None = None) -> np.ndarray:
         raise ClusterError(f"{path}: {what} file not found")
     try:
         with open(path, "rb") as fh:
-            magic = fh.read(6)
-        if magic == b"\x93NUMPY":
+            magic = fh.read(len(NPY_MAGIC))
+        if magic == NPY_MAGIC:
             obj = np.load(path, allow_pickle=False)
         elif zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as zf:
@@ -118,7 +123,7 @@ def load_array_file(path, what: str, key: str | None = None) -> np.ndarray:
 
 def _torch_load(path: Path):
     try:
-        import torch
+        import torch  # lazy: optional extra [torch], only for files that hold tensors
     except ImportError:
         raise ClusterError(f"{path}: holds torch tensors; install torch to read it (pip install curate[torch])") from None
     try:
@@ -159,7 +164,7 @@ def _gpu_nearest(x: np.ndarray, centroids) -> np.ndarray | None:
     if not _cuda_device_present():
         return None  # importing torch costs seconds; skip it on machines without an NVIDIA device
     try:
-        import torch
+        import torch  # lazy: optional extra [torch], only on machines with an NVIDIA device
     except ImportError:
         return None
     if not torch.cuda.is_available():
@@ -240,14 +245,6 @@ def get_cluster_set(catalog, name) -> ClusterSet:
                        f"`curate clusters import` or `curate clusters build`")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _prepare_dir(catalog, name: str, overwrite: bool) -> tuple[Path, Path]:
     con = connect(catalog)
     try:
@@ -275,7 +272,7 @@ def _save_set(catalog, name: str, centroids: np.ndarray, key: str, source: dict,
             np.lib.format.write_array(fh, centroids, allow_pickle=False)
     meta = {
         "name": name, "key": key, "k": int(centroids.shape[0]), "dim": int(centroids.shape[1]),
-        "centroids_sha256": _sha256(set_dir / "centroids.npy"),
+        "centroids_sha256": file_sha256(set_dir / "centroids.npy"),
         "centroid_norms": {"min": float(np.linalg.norm(centroids, axis=1).min()),
                            "max": float(np.linalg.norm(centroids, axis=1).max())},
         "source": source,
@@ -338,7 +335,7 @@ def import_cluster_set(catalog, name: str, centroids_file, target_files=(), key:
     _prepare_dir(catalog, name, overwrite)
     targets = load_targets(target_files, centroids.shape[1]) if target_files else None
     source = {"imported_from": str(Path(centroids_file).resolve()),
-              "imported_sha256": _sha256(Path(centroids_file))}
+              "imported_sha256": file_sha256(Path(centroids_file))}
     return _save_set(catalog, name, centroids, key, source, targets,
                      [str(Path(f).resolve()) for f in target_files], overwrite)
 
@@ -393,8 +390,6 @@ def training_sample(catalog, key: str, sample_ratio: float = -1.0, seed: int = 0
     files = pool_embedding_files(catalog, key)
     dim = pool_dim(files, key)
     if caption_filter:
-        from curate.features.registry import ensure_features
-
         ensure_features(catalog, "SELECT * FROM text_features", {}, progress=progress)
     con = connect(catalog)
     rng = np.random.default_rng(seed)
@@ -424,7 +419,7 @@ def training_sample(catalog, key: str, sample_ratio: float = -1.0, seed: int = 0
 def train_kmeans(x: np.ndarray, k: int, seed: int = 0, niter: int = 20, verbose: bool = False) -> np.ndarray:
     """faiss k-means with DataComp's settings: L2, ``niter`` 20, no subsampling below 10M/centroid."""
     try:
-        import faiss
+        import faiss  # lazy: optional extra [embed], only k-means needs it
     except ImportError:
         raise ClusterError("k-means needs faiss: pip install curate[embed]") from None
     n, d = x.shape
@@ -480,11 +475,11 @@ def _assignments_valid(d: Path, cs: ClusterSet) -> bool:
     return stamp.is_file() and json.loads(stamp.read_text()).get("centroids_sha256") == cs.meta["centroids_sha256"]
 
 
-def assign_pool(catalog, name: str, progress: bool = True, engine: str = "local",
-                ray_address: str | None = None) -> dict:
+def assign_pool(catalog, name: str, progress: bool = True, engine: Engine | None = None) -> dict:
     """Write every pool file's nearest-centroid table for cluster set ``name`` (skips files done).
 
-    ``engine="ray"`` assigns one pool file per Ray task (same bytes as the local engine).
+    One task per pool file, run where ``engine`` says (None: one after another in this process;
+    ``Engine(kind="ray", ...)``: Ray tasks); the bytes are the same whatever the engine.
     """
     catalog = (Path(catalog) if catalog else default_catalog()).resolve()
     cs = get_cluster_set(catalog, name)
@@ -498,33 +493,35 @@ def assign_pool(catalog, name: str, progress: bool = True, engine: str = "local"
         pool_dim([ef for ef, _ in todo], cs.key)  # headers first: fail before any work
     dim = int(cs.meta["dim"])
     t0, rows = time.perf_counter(), 0
-    if engine == "ray" and todo:
-        from curate.engine.ray import connect_ray, ray_imap
-
-        connect_ray(ray_address)
-        for n in ray_imap(_assign_file, [(str(catalog), name, cs.key, ef, str(out), dim) for ef, out in todo],
-                          progress=progress, desc=f"clusters {name}"):
+    tasks = [(str(catalog), name, cs.key, ef, str(out), dim, cs.meta["centroids_sha256"]) for ef, out in todo]
+    try:
+        for n in map_tasks(_assign_file, tasks, engine, desc=f"clusters {name}", progress=progress, unit="file",
+                           start="spawn"):
             rows += n
-    elif todo:
-        centroids = cs.centroids()
-        con = connect(catalog)
-        try:
-            for ef, out in tqdm(todo, desc=f"clusters {name}", unit="file", disable=not progress):
-                rows += _assign_file(catalog, name, cs.key, ef, out, dim, centroids, con)
-        finally:
-            con.close()
+    finally:
+        _CENTROIDS.clear()  # this process's copy (tasks that ran here) is not needed any more
     _register_assignments(catalog)
     return {"cluster_set": name, "files": len(pairs), "assigned_files": len(todo), "rows": rows,
             "seconds": round(time.perf_counter() - t0, 3), "dir": str(d)}
 
 
-def _assign_file(catalog, name: str, key: str, ef, out, dim: int, centroids=None, con=None) -> int:
+#: per process: (catalog, set name, centroids sha256) -> centroids, so a process running many
+#: assignment tasks (this one, a local worker, a Ray worker) loads a set's centroids once
+_CENTROIDS: dict[tuple, np.ndarray] = {}
+
+
+def _centroids(catalog, name: str, sha256: str) -> np.ndarray:
+    key = (str(catalog), name, sha256)
+    if key not in _CENTROIDS:
+        _CENTROIDS.clear()  # one set at a time (100k x 768 centroids are 300 MB)
+        _CENTROIDS[key] = get_cluster_set(catalog, name).centroids()
+    return _CENTROIDS[key]
+
+
+def _assign_file(catalog, name: str, key: str, ef, out, dim: int, centroids_sha256: str) -> int:
     """Nearest centroids of one pool file's embeddings -> ``out`` (parquet, atomic); row count."""
-    own = con is None
-    if centroids is None:
-        centroids = get_cluster_set(catalog, name).centroids()
-    if own:
-        con = connect(catalog)
+    centroids = _centroids(catalog, name, centroids_sha256)
+    con = connect(catalog)
     try:
         labels = np.empty(ef.num_rows, np.int32)
         pos = 0
@@ -547,8 +544,7 @@ def _assign_file(catalog, name: str, key: str, ef, out, dim: int, centroids=None
         with atomic_path(out, suffix=".parquet") as tmp:
             pq.write_table(table, tmp)
     finally:
-        if own:
-            con.close()
+        con.close()
     return ef.num_rows
 
 
@@ -615,9 +611,6 @@ def attach_nearest_centroid(con, catalog, name: str, function: str | None = None
         attach_embeddings(con, cat, "l14_img"); attach_nearest_centroid(con, cat, "xlarge")
         con.sql("SELECT nearest_centroid_xlarge(embedding) FROM embeddings_l14_img")
     """
-    import duckdb
-    from duckdb.sqltypes import FLOAT, INTEGER
-
     cs = get_cluster_set(catalog, name)
     c = cs.centroids()
     d = c.shape[1]

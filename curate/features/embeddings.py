@@ -31,6 +31,7 @@ from tqdm import tqdm
 from curate.atomic import atomic_path
 from curate.catalog.connection import connect, features_dir, resolve_path
 from curate.errors import CurateError
+from curate.subset import read_array_header
 
 #: npz keys DataComp's pools carry, with their documented widths (``dedup``'s is not documented).
 KNOWN_DIMS = {"b32_img": 512, "b32_txt": 512, "l14_img": 768, "l14_txt": 768, "dedup": None}
@@ -93,11 +94,7 @@ def _open_member(npz: Path, key: str):
         raise EmbeddingError(f"{npz}: no key '{key}' (keys: {', '.join(names) or 'none'})")
     stream = zf.open(f"{key}.npy")
     try:
-        version = np.lib.format.read_magic(stream)
-        reader = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-        if version not in reader:
-            raise ValueError(f"unsupported .npy version {version}")
-        shape, fortran, dtype = reader[version](stream)
+        shape, fortran, dtype = read_array_header(stream)
     except ValueError as e:
         zf.close()
         raise EmbeddingError(f"{npz}: key '{key}' is not a readable array ({e})") from None

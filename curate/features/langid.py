@@ -16,14 +16,15 @@ Both are batched over Arrow arrays and are also DuckDB functions (:func:`registe
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from duckdb.sqltypes import VARCHAR
 
+from curate.atomic import file_sha256
 from curate.errors import CurateError
 
 LID_MODEL_ENV = "CURATE_LID_MODEL"
@@ -71,16 +72,12 @@ def model_identity(path: str | os.PathLike) -> dict:
     st = p.stat()
     key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _IDENTITY_CACHE:
-        h = hashlib.sha256()
-        with open(p, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        _IDENTITY_CACHE[key] = {"name": p.name, "sha256": h.hexdigest(), "bytes": st.st_size}
+        _IDENTITY_CACHE[key] = {"name": p.name, "sha256": file_sha256(p), "bytes": st.st_size}
     return dict(_IDENTITY_CACHE[key])
 
 
 def cld3_identity() -> dict:
-    import gcld3
+    import gcld3  # lazy: optional extra [text] (cld3-py), only the CLD3 table needs it
 
     return {"name": "gcld3.NNetLanguageIdentifier", "package": f"cld3-py {getattr(gcld3, '__version__', '?')}",
             "min_num_bytes": CLD3_MIN_BYTES, "max_num_bytes": CLD3_MAX_BYTES}
@@ -96,7 +93,7 @@ class FastTextLID:
     def __init__(self, path: str | os.PathLike | None = None):
         self.path = resolve_lid_model(path)
         try:
-            from fasttext.FastText import _FastText  # load_model() without its stderr warning
+            from fasttext.FastText import _FastText  # lazy: optional extra [text]; load_model() without its stderr warning
         except ImportError:
             raise LidModelError("fastText is not installed: `pip install fasttext-numpy2`") from None
         try:
@@ -128,7 +125,7 @@ class Cld3LID:
 
     def __init__(self):
         try:
-            import gcld3
+            import gcld3  # lazy: optional extra [text] (cld3-py)
         except ImportError:
             raise LidModelError("CLD3 is not installed: `pip install cld3-py` (provides gcld3)") from None
         self.detector = gcld3.NNetLanguageIdentifier(min_num_bytes=CLD3_MIN_BYTES, max_num_bytes=CLD3_MAX_BYTES)
@@ -158,8 +155,6 @@ def register_udfs(con, lid_model: str | os.PathLike | None = None) -> None:
         register_udfs(con)
         con.sql("SELECT lang_fasttext(text) AS lang, count(*) FROM pool GROUP BY lang").show()
     """
-    from duckdb.sqltypes import VARCHAR
-
     ft, cld3 = FastTextLID(lid_model), Cld3LID()
     for name, fn in (("lang_fasttext", ft.labels), ("lang_cld3", cld3.labels)):
         con.create_function(name, fn, [VARCHAR], VARCHAR, type="arrow", null_handling="special",

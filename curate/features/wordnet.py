@@ -163,8 +163,8 @@ def load_in21k_offsets(path: str | os.PathLike | None = None) -> frozenset[int]:
 
 def load_reader(root: Path):
     """nltk's WordNetCorpusReader over ``root``, with read errors turned into one line."""
-    import nltk.data
-    from nltk.corpus.reader.wordnet import WordNetCorpusReader
+    import nltk.data  # lazy: optional extra [text]; only the cross-check against nltk's reader needs it
+    from nltk.corpus.reader.wordnet import WordNetCorpusReader  # lazy: as above
 
     check_wordnet_dir(root)
     # nltk >= 3.9 only opens corpora under nltk.data.path; this is its documented opt-in

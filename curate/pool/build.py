@@ -54,11 +54,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+from PIL import Image
+from tqdm import tqdm
 
 from curate.atomic import atomic_path, write_json
-from curate.catalog.connection import POOL_COLUMNS
+from curate.catalog.schema import POOL_COLUMNS, POOL_SCHEMA
 from curate.errors import CurateError
-from curate.uids import hex_array_to_pairs
+from curate.shards.tar import TarWriter
+from curate.uids import hex_array_to_pairs, hex_to_pair
 
 SAMPLES_PER_SHARD = 10_000
 #: img2dataset's key: shard * 10**4 + index (``oom_sample_per_shard`` = 4 digits).
@@ -245,8 +248,6 @@ class LoadedImage:
 
 def load_image(path: Path) -> LoadedImage:
     """Read and fully decode one image file (never modifies it)."""
-    from PIL import Image
-
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -314,11 +315,11 @@ class UidSet:
             self.runs = [(hi[order], lo[order])]
 
     def __contains__(self, uid: str) -> bool:
-        h = int(uid[:16], 16)
+        h, l = hex_to_pair(uid)
         top = h >> (64 - self.BITS)
         if not (self.bits[top >> 3] >> (top & 7)) & 1:
             return False
-        h, l = np.uint64(h), np.uint64(int(uid[16:], 16))
+        h, l = np.uint64(h), np.uint64(l)
         for hi, lo in self.runs:  # sorted by hi; lo is unordered within equal hi (rare)
             a, b = np.searchsorted(hi, h, "left"), np.searchsorted(hi, h, "right")
             if a < b and (lo[a:b] == l).any():
@@ -327,55 +328,6 @@ class UidSet:
 
 
 # --- writing shards ------------------------------------------------------------------------------
-
-
-class TarStream:
-    """Append-only USTAR writer for regular files, byte-identical to ``tarfile`` with
-    ``format=USTAR_FORMAT``, ``mtime=0``, ``mode=0o444``, uid/gid 0, no user/group names.
-
-    ``tarfile.addfile`` costs ~40-75 us per member in Python (TarInfo copy, field encoding), three
-    members per sample, all on the thread that must also feed the decoders; a header built from
-    a fixed template costs a few us. Fixed fields also make the tars reproducible, and USTAR
-    without PAX headers is what webdataset reads fastest.
-    """
-
-    BLOCK, RECORD = 512, 512 * 20
-
-    def __init__(self, f):
-        self.f = f
-        self.offset = 0
-
-    @staticmethod
-    def header(name: str, size: int) -> bytes:
-        raw = name.encode("ascii")
-        if len(raw) > 100 or size >= 8 ** 11:
-            raise ValueError(f"tar member {name!r} of {size} bytes does not fit a plain USTAR header")
-        buf = bytearray(512)
-        buf[0:len(raw)] = raw
-        buf[100:124] = b"0000444\x000000000\x000000000\x00"  # mode, uid, gid
-        buf[124:136] = b"%011o\x00" % size
-        buf[136:148] = b"00000000000\x00"  # mtime 0
-        buf[148:156] = b"        "  # checksum field counts as spaces while summing
-        buf[156:157] = b"0"  # regular file
-        buf[257:265] = b"ustar\x0000"
-        buf[148:156] = b"%06o\x00 " % sum(buf)
-        return bytes(buf)
-
-    def add(self, name: str, data: bytes) -> None:
-        self.f.write(self.header(name, len(data)))
-        self.f.write(data)
-        pad = -len(data) % self.BLOCK
-        if pad:
-            self.f.write(b"\0" * pad)
-        self.offset += self.BLOCK + len(data) + pad
-
-    def close(self) -> None:
-        """End-of-archive (two zero blocks), padded to a whole record as ``tarfile`` does."""
-        self.f.write(b"\0" * (2 * self.BLOCK))
-        self.offset += 2 * self.BLOCK
-        rest = self.offset % self.RECORD
-        if rest:
-            self.f.write(b"\0" * (self.RECORD - rest))
 
 
 def _jsonable(v):
@@ -405,7 +357,7 @@ class ShardWriter:
         # a large buffer: a write that fits is a memcpy under the GIL, while each unbuffered
         # write releases it and waits behind the decoding threads (profiled: ~40 MB/s to /dev/shm)
         self._file = open(_tmp(self.tar_path), "wb", buffering=1 << 24)
-        self.tar = TarStream(self._file)
+        self.tar = TarWriter(self._file)
         self.meta_rows: list[dict] = []
         self.samples: list[dict] = []  # -> shards/S.parquet (img2dataset's per-shard parquet)
         self.failed: list[dict] = []  # -> failures/S.parquet
@@ -509,15 +461,10 @@ class BuildResult:
 
 
 def _metadata_schema(extra: list[tuple[str, pa.DataType]], with_time: bool) -> pa.Schema:
-    fields = [
-        ("uid", pa.string()), ("url", pa.string()), ("text", pa.string()),
-        ("original_width", pa.int64()), ("original_height", pa.int64()),
-        ("clip_b32_similarity_score", pa.float32()), ("clip_l14_similarity_score", pa.float32()),
-        ("face_bboxes", pa.list_(pa.list_(pa.float64()))), ("sha256", pa.string()),
-    ]
-    fields += extra
+    """The pool's nine columns, then the kept table columns, then ``time_utc``."""
+    fields = list(POOL_SCHEMA) + [pa.field(name, t) for name, t in extra]
     if with_time:
-        fields.append((TIME_COLUMN, pa.timestamp("us")))
+        fields.append(pa.field(TIME_COLUMN, pa.timestamp("us")))
     return pa.schema(fields)
 
 
@@ -584,6 +531,210 @@ def _resume_point(data_dir: Path) -> tuple[int, int, list[dict]]:
     return nxt, (done[-1]["input_end"] if done else 0), done
 
 
+#: Why table rows are left out of a pool (counted per shard in its stats and in pool.json).
+LEFT_OUT = ("failed_to_download", "failed_to_resize", "duplicate")
+
+
+@dataclass
+class BuildPlan:
+    """What ``build_pool`` was asked to do, checked: the table, its columns and the settings
+    recorded in ``pool.json`` (a resumed build must have the same ones)."""
+
+    table: Path  # absolute
+    out: Path
+    schema: pa.Schema  # the table's
+    image_col: str
+    caption_col: str
+    time_col: str | None
+    time_format: str
+    url_col: str | None
+    image_root: Path
+    kept: list[tuple[str, str, pa.DataType]]  # (table column, pool column, type)
+    settings: dict
+
+    @property
+    def manifest(self) -> Path:
+        return self.out / "pool.json"
+
+    def image_path(self, path_text: str | None) -> Path | None:
+        """Where a row's image file is: relative paths start at ``image_root``; None if empty."""
+        if not path_text:
+            return None
+        return Path(path_text) if os.path.isabs(path_text) else self.image_root / path_text
+
+    def row_time(self, cols: dict[str, list], i: int, row: int) -> _dt.datetime | None:
+        """Row ``i`` of a batch's time, parsed; None without a time column. A value that is not
+        a time stops the build (it names the table row)."""
+        if self.time_col is None:
+            return None
+        value = cols[self.time_col][i]
+        try:
+            return parse_time(value, self.time_format)
+        except (ValueError, OverflowError, TypeError) as e:
+            raise PoolBuildError(f"{self.table}: row {row}, column {self.time_col!r}: value "
+                                 f"{value!r} is not a time ({self.time_format}: {e})") from None
+
+
+def plan_build(table: str | os.PathLike, out: str | os.PathLike, image_col: str, caption_col: str,
+               time_col: str | None = None, time_format: str = "auto", url_col: str | None = None,
+               image_root: str | os.PathLike | None = None, columns: list[str] | None = None) -> BuildPlan:
+    """Check ``build_pool``'s arguments against the table (nothing is written)."""
+    table = Path(table).resolve()
+    if time_format not in TIME_FORMATS:
+        raise PoolBuildError(f"time format {time_format!r} is not one of {', '.join(TIME_FORMATS)}")
+    schema = table_schema(table)
+    kept = plan_columns(schema, image_col, caption_col, time_col, url_col, columns, table)
+    root = Path(image_root).resolve() if image_root else table.parent
+    settings = _settings(table, image_col, caption_col, time_col, time_format, url_col, root, kept)
+    return BuildPlan(table, Path(out), schema, image_col, caption_col, time_col, time_format, url_col, root,
+                     kept, settings)
+
+
+def _prepare_out(plan: BuildPlan) -> None:
+    """Refuse an ``out`` holding something else (another pool, other files); create its dirs."""
+    out, manifest = plan.out, plan.manifest
+    if manifest.is_file():
+        try:
+            previous = json.loads(manifest.read_text())
+        except ValueError:
+            raise PoolBuildError(f"{manifest}: unreadable; remove {out} to rebuild") from None
+        if previous.get("settings") != plan.settings:
+            diff = sorted(k for k in plan.settings if previous.get("settings", {}).get(k) != plan.settings[k])
+            raise PoolBuildError(f"{out}: holds a pool built with other settings or from a changed table "
+                                 f"({', '.join(diff)} differ); use another --out or remove it")
+    elif out.exists() and any(p.name != SOURCE_DIR for p in out.iterdir()):
+        raise PoolBuildError(f"{out}: exists and is not empty (not a pool this command started)")
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    (out / "metadata").mkdir(parents=True, exist_ok=True)
+
+
+def _result_so_far(out: Path, start_row: int, done: list[dict]) -> BuildResult:
+    """The counts of the shards an earlier run completed."""
+    result = BuildResult(out=out, resumed_from_row=start_row)
+    for st in done:
+        for k in LEFT_OUT:
+            result.failed[k] = result.failed.get(k, 0) + st.get(k, 0)
+        result.samples += st["successes"]
+    return result
+
+
+class ShardSequence:
+    """Table rows -> consecutive shards: the open :class:`ShardWriter`, duplicate detection
+    (uids of earlier shards in a :class:`UidSet`, of the open shard in a dict) and the counts."""
+
+    def __init__(self, plan: BuildPlan, shard: int, start_row: int, result: BuildResult):
+        self.plan, self.result = plan, result
+        self.seen = UidSet()
+        for i in range(shard):
+            p = plan.out / "metadata" / f"{i:08d}.parquet"
+            if p.is_file():
+                self.seen.add(pq.read_table(p, columns=["uid"]).column("uid").to_pylist())
+        self.meta_schema = _metadata_schema([(name, t) for _, name, t in plan.kept], plan.time_col is not None)
+        self.pending: dict[str, int] = {}  # uid -> source row, for duplicates inside the open shard
+        self.writer = ShardWriter(plan.out, shard, start_row, self.meta_schema)
+
+    def add(self, row: int, img: LoadedImage | None, path_text: str | None, cols: dict[str, list], i: int) -> None:
+        """Table row ``row`` (row ``i`` of the batch ``cols``), its image loaded (None: no path)."""
+        plan = self.plan
+        caption = cols[plan.caption_col][i]
+        caption = "" if caption is None else str(caption)
+        url = str(cols[plan.url_col][i]) if plan.url_col and cols[plan.url_col][i] is not None else path_text
+        when = plan.row_time(cols, i, row)
+        if img is None:
+            self._leave_out(row, path_text, url, caption, "failed_to_download", "empty image path")
+            return
+        if img.status != "success":
+            self._leave_out(row, path_text, url, caption, img.status, img.error, img.sha256 or None)
+            return
+        uid = sample_uid(img.sha256, caption)
+        if uid in self.pending or uid in self.seen:
+            first_row = self.pending.get(uid)
+            msg = (f"same image bytes and caption as table row {first_row}" if first_row is not None
+                   else "same image bytes and caption as an earlier row (uid already in the pool)")
+            self._leave_out(row, path_text, url, caption, "duplicate", msg, img.sha256, uid)
+            return
+        self.pending[uid] = row
+        meta = {"uid": uid, "url": url, "text": caption, "original_width": img.width,
+                "original_height": img.height, "clip_b32_similarity_score": None,
+                "clip_l14_similarity_score": None, "face_bboxes": None, "sha256": img.sha256}
+        extra_json = {}
+        for src, name, _ in plan.kept:
+            meta[name] = cols[src][i]
+            extra_json[name] = _jsonable(cols[src][i])
+        if plan.time_col is not None:
+            meta[TIME_COLUMN] = when
+            extra_json[TIME_COLUMN] = when.isoformat()
+        self.writer.add_success(meta, img, extra_json, row, path_text)
+        if self.writer.successes == SAMPLES_PER_SHARD:
+            self._next_shard(row + 1)
+
+    def _leave_out(self, row: int, path_text, url, caption, status: str, error: str,
+                   sha256: str | None = None, uid: str | None = None) -> None:
+        self.writer.add_failure(status, error, row, path_text, url, caption, sha256, uid)
+        _note(self.result, row, path_text, status, error)
+
+    def _next_shard(self, next_row: int) -> None:
+        """Close the full shard and open the next one, starting at table row ``next_row``."""
+        self.writer.close(next_row, final=False)
+        self.seen.add(list(self.pending))
+        self.pending.clear()
+        self.result.shards = self.writer.shard + 1
+        self.writer = ShardWriter(self.plan.out, self.writer.shard + 1, next_row, self.meta_schema)
+
+    def finish(self, end_row: int) -> None:
+        """The table ended at ``end_row``: close the open shard as the last one (or, if the input
+        ended exactly at a full shard, mark that one as the last)."""
+        writer = self.writer
+        if writer.rows or writer.shard == 0:
+            writer.close(end_row, final=True)
+            self.result.shards = writer.shard + 1
+        else:
+            writer.abandon()
+            last = self.plan.out / "shards" / f"{writer.shard - 1:08d}_stats.json"
+            stats = json.loads(last.read_text())
+            write_json(last, {**stats, "final": True})
+            self.result.shards = writer.shard
+
+    def abandon(self) -> None:
+        self.writer.abandon()
+
+
+def _write_shards(plan: BuildPlan, shard: int, start_row: int, result: BuildResult, workers: int | None,
+                  progress: bool) -> None:
+    """Stream the table from ``start_row`` into shards ``shard``, ``shard + 1``, ...; images are
+    read and decoded by a thread pool, in table order."""
+    samples = ShardSequence(plan, shard, start_row, result)
+    total = pq.ParquetFile(plan.table).metadata.num_rows if plan.table.suffix.lower() == ".parquet" else None
+    bar = tqdm(total=total, initial=start_row, unit="row", desc="pool", disable=not progress)
+    row = start_row
+    try:
+        n_workers = workers or min(8, (os.cpu_count() or 1) + 2)
+        with ThreadPoolExecutor(max_workers=n_workers) as pool:
+            for first, batch in iter_table(plan.table, plan.schema, start_row):
+                cols = {name: batch.column(name).to_pylist() for name in batch.schema.names}
+                paths = [_as_path_text(p) for p in cols[plan.image_col]]
+                loaded = _bounded_map(pool, _load_or_none, [plan.image_path(p) for p in paths],
+                                      ahead=4 * n_workers)
+                for i, img in enumerate(loaded):
+                    samples.add(first + i, img, paths[i], cols, i)
+                bar.update(batch.num_rows)
+                row = first + batch.num_rows
+        samples.finish(row)
+    except BaseException:
+        samples.abandon()
+        raise
+    finally:
+        bar.close()
+
+
+def _count_shards(out: Path, result: BuildResult) -> None:
+    """Totals over every shard's stats (this run's and earlier runs')."""
+    all_stats = [json.loads((out / "shards" / f"{i:08d}_stats.json").read_text()) for i in range(result.shards)]
+    result.rows = all_stats[-1]["input_end"]
+    result.samples = sum(s["successes"] for s in all_stats)
+    result.failed = {k: sum(s.get(k, 0) for s in all_stats) for k in LEFT_OUT}
+
+
 def build_pool(
     table: str | os.PathLike,
     out: str | os.PathLike,
@@ -603,140 +754,22 @@ def build_pool(
     ``columns`` limits the extra columns kept (default: all but the caption and url columns).
     Re-running with the same arguments resumes an interrupted build.
     """
-    from tqdm import tqdm
-
     t0 = time.perf_counter()
-    table = Path(table).resolve()
-    out = Path(out)
-    if time_format not in TIME_FORMATS:
-        raise PoolBuildError(f"time format {time_format!r} is not one of {', '.join(TIME_FORMATS)}")
-    schema = table_schema(table)
-    kept = plan_columns(schema, image_col, caption_col, time_col, url_col, columns, table)
-    image_root = Path(image_root).resolve() if image_root else table.parent
-    settings = _settings(table, image_col, caption_col, time_col, time_format, url_col, image_root, kept)
-
-    manifest = out / "pool.json"
-    if manifest.is_file():
-        try:
-            previous = json.loads(manifest.read_text())
-        except ValueError:
-            raise PoolBuildError(f"{manifest}: unreadable; remove {out} to rebuild") from None
-        if previous.get("settings") != settings:
-            diff = sorted(k for k in settings if previous.get("settings", {}).get(k) != settings[k])
-            raise PoolBuildError(f"{out}: holds a pool built with other settings or from a changed table "
-                                 f"({', '.join(diff)} differ); use another --out or remove it")
-    elif out.exists() and any(p.name != SOURCE_DIR for p in out.iterdir()):
-        raise PoolBuildError(f"{out}: exists and is not empty (not a pool this command started)")
-    (out / "shards").mkdir(parents=True, exist_ok=True)
-    (out / "metadata").mkdir(parents=True, exist_ok=True)
-
-    shard, start_row, done = _resume_point(out)
-    result = BuildResult(out=out, resumed_from_row=start_row)
-    for st in done:
-        for k in ("failed_to_download", "failed_to_resize", "duplicate"):
-            result.failed[k] = result.failed.get(k, 0) + st.get(k, 0)
-        result.samples += st["successes"]
+    plan = plan_build(table, out, image_col, caption_col, time_col, time_format, url_col, image_root, columns)
+    _prepare_out(plan)
+    shard, start_row, done = _resume_point(plan.out)
+    result = _result_so_far(plan.out, start_row, done)
     if done and done[-1].get("final"):
         result.rows, result.shards, result.already_complete = done[-1]["input_end"], len(done), True
         result.seconds = time.perf_counter() - t0
-        return _check_not_empty(result, table)
-    write_json(manifest, {"settings": settings, "complete": False})
-
-    seen = UidSet()
-    for i in range(shard):
-        p = out / "metadata" / f"{i:08d}.parquet"
-        if p.is_file():
-            seen.add(pq.read_table(p, columns=["uid"]).column("uid").to_pylist())
-
-    meta_schema = _metadata_schema([(p, t) for _, p, t in kept], time_col is not None)
-    writer = ShardWriter(out, shard, start_row, meta_schema)
-    pending: dict[str, int] = {}  # uid -> source row, for duplicates inside the open shard
-    total = pq.ParquetFile(table).metadata.num_rows if table.suffix.lower() == ".parquet" else None
-    bar = tqdm(total=total, initial=start_row, unit="row", desc="pool", disable=not progress)
-    row = start_row
-    try:
-        n_workers = workers or min(8, (os.cpu_count() or 1) + 2)
-        with ThreadPoolExecutor(max_workers=n_workers) as pool:
-            for first, batch in iter_table(table, schema, start_row):
-                cols = {name: batch.column(name).to_pylist() for name in batch.schema.names}
-                paths = cols[image_col]
-                resolved = [None if not p else (Path(p) if os.path.isabs(p) else image_root / p)
-                            for p in map(_as_path_text, paths)]
-                loaded = _bounded_map(pool, _load_or_none, resolved, ahead=4 * n_workers)
-                for i, img in enumerate(loaded):
-                    row = first + i
-                    path_text = _as_path_text(paths[i])
-                    caption = cols[caption_col][i]
-                    caption = "" if caption is None else str(caption)
-                    url = str(cols[url_col][i]) if url_col and cols[url_col][i] is not None else path_text
-                    when = None
-                    if time_col is not None:
-                        try:
-                            when = parse_time(cols[time_col][i], time_format)
-                        except (ValueError, OverflowError, TypeError) as e:
-                            raise PoolBuildError(
-                                f"{table}: row {row}, column {time_col!r}: value "
-                                f"{cols[time_col][i]!r} is not a time ({time_format}: {e})") from None
-                    if img is None:
-                        writer.add_failure("failed_to_download", "empty image path", row, path_text, url, caption)
-                        _note(result, row, path_text, "failed_to_download", "empty image path")
-                        continue
-                    if img.status != "success":
-                        writer.add_failure(img.status, img.error, row, path_text, url, caption, img.sha256 or None)
-                        _note(result, row, path_text, img.status, img.error)
-                        continue
-                    uid = sample_uid(img.sha256, caption)
-                    if uid in pending or uid in seen:
-                        first_row = pending.get(uid)
-                        msg = (f"same image bytes and caption as table row {first_row}" if first_row is not None
-                               else "same image bytes and caption as an earlier row (uid already in the pool)")
-                        writer.add_failure("duplicate", msg, row, path_text, url, caption, img.sha256, uid)
-                        _note(result, row, path_text, "duplicate", msg)
-                        continue
-                    pending[uid] = row
-                    meta = {"uid": uid, "url": url, "text": caption, "original_width": img.width,
-                            "original_height": img.height, "clip_b32_similarity_score": None,
-                            "clip_l14_similarity_score": None, "face_bboxes": None, "sha256": img.sha256}
-                    extra_json = {}
-                    for src, name, _ in kept:
-                        meta[name] = cols[src][i]
-                        extra_json[name] = _jsonable(cols[src][i])
-                    if time_col is not None:
-                        meta[TIME_COLUMN] = when
-                        extra_json[TIME_COLUMN] = when.isoformat()
-                    writer.add_success(meta, img, extra_json, row, path_text)
-                    if writer.successes == SAMPLES_PER_SHARD:
-                        writer.close(row + 1, final=False)
-                        seen.add(list(pending))
-                        pending.clear()
-                        result.shards = writer.shard + 1
-                        writer = ShardWriter(out, writer.shard + 1, row + 1, meta_schema)
-                bar.update(batch.num_rows)
-                row = first + batch.num_rows
-        if writer.rows or writer.shard == 0:
-            writer.close(row, final=True)
-            result.shards = writer.shard + 1
-        else:  # input ended exactly at a full shard: mark that one as the last
-            writer.abandon()
-            last = out / "shards" / f"{writer.shard - 1:08d}_stats.json"
-            stats = json.loads(last.read_text())
-            write_json(last, {**stats, "final": True})
-            result.shards = writer.shard
-    except BaseException:
-        writer.abandon()
-        raise
-    finally:
-        bar.close()
-
-    all_stats = [json.loads((out / "shards" / f"{i:08d}_stats.json").read_text()) for i in range(result.shards)]
-    result.rows = all_stats[-1]["input_end"]
-    result.samples = sum(s["successes"] for s in all_stats)
-    result.failed = {k: sum(s.get(k, 0) for s in all_stats)
-                     for k in ("failed_to_download", "failed_to_resize", "duplicate")}
+        return _check_not_empty(result, plan.table)
+    write_json(plan.manifest, {"settings": plan.settings, "complete": False})
+    _write_shards(plan, shard, start_row, result, workers, progress)
+    _count_shards(plan.out, result)
     result.seconds = time.perf_counter() - t0
-    write_json(manifest, {"settings": settings, "complete": True, "rows": result.rows,
-                          "samples": result.samples, "shards": result.shards, "failed": result.failed})
-    return _check_not_empty(result, table)
+    write_json(plan.manifest, {"settings": plan.settings, "complete": True, "rows": result.rows,
+                               "samples": result.samples, "shards": result.shards, "failed": result.failed})
+    return _check_not_empty(result, plan.table)
 
 
 def _check_not_empty(result: BuildResult, table: Path) -> BuildResult:

@@ -22,7 +22,6 @@ normalised image and text embeddings, as in DataComp.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -34,22 +33,19 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 from tqdm import tqdm
 
-from curate.atomic import atomic_path, write_json
+from curate.atomic import atomic_path, file_sha256, write_json
+from curate.catalog.connection import init_catalog
+from curate.catalog.schema import POOL_SCHEMA, extra_columns
 from curate.errors import CurateError
+from curate.pool.download import (MANIFEST, SAMPLES_PER_SHARD, STATUS_DIR, DownloadError, check_metadata,
+                                  register_status_view)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 EMBEDDINGS = ("b32", "l14")
 MODEL_RECORD = ".byod_model.json"  # dot-name: the catalog ignores it in a metadata dir
-
-#: the pool's nine columns, in the pool's order and types
-OUT_SCHEMA = pa.schema([
-    ("uid", pa.string()), ("url", pa.string()), ("text", pa.string()),
-    ("original_width", pa.int64()), ("original_height", pa.int64()),
-    ("clip_b32_similarity_score", pa.float32()), ("clip_l14_similarity_score", pa.float32()),
-    ("face_bboxes", pa.list_(pa.list_(pa.float64()))), ("sha256", pa.string()),
-])
 
 
 class ByodError(CurateError):
@@ -67,9 +63,6 @@ class SourceColumns:
     """
 
     def __init__(self, metadata_dir: str | os.PathLike):
-        from curate.catalog.connection import IGNORED_COLUMNS, POOL_COLUMNS
-        from curate.pool.download import DownloadError, check_metadata
-
         try:  # the files, their order and shard numbers exactly as `curate download` saw them
             self.md = check_metadata(metadata_dir, blur=False, verify=False)
         except DownloadError as e:
@@ -77,7 +70,7 @@ class SourceColumns:
         self.fields: list[pa.Field] = []
         for i, f in enumerate(self.md.files):
             schema = pq.read_schema(f.path)
-            extra = [schema.field(n) for n in schema.names if n not in POOL_COLUMNS and n not in IGNORED_COLUMNS]
+            extra = [schema.field(n) for n in extra_columns(schema.names)]
             if i == 0:
                 self.fields = extra
             elif [(x.name, x.type) for x in extra] != [(x.name, x.type) for x in self.fields]:
@@ -90,8 +83,6 @@ class SourceColumns:
         sample r of shard S is row ``(S - first_shard) * 10**4 + r`` of its metadata file). A
         sample whose uid differs from that row's is an error: the metadata is not the one the
         shards were downloaded from."""
-        from curate.pool.download import SAMPLES_PER_SHARD, DownloadError
-
         if not self.names:
             return []
         if not keys:  # an empty shard (e.g. a last one of failures only) may have no metadata rows
@@ -125,7 +116,7 @@ def load_model(arch: str | None, checkpoint: str | os.PathLike, model_config: st
     ``model_config`` is a JSON file with open_clip's ``embed_dim``/``vision_cfg``/``text_cfg``
     (custom tiny architectures); the model's name is then the file's stem.
     """
-    import open_clip
+    import open_clip  # lazy: optional extra [torch]
 
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
@@ -194,7 +185,7 @@ def _iter_tar_images(path: Path):
 
 
 def _encode(model, fn, batch, device):
-    import torch
+    import torch  # lazy: optional extra [torch]
 
     with torch.no_grad():
         x = fn(batch.to(device)).float()
@@ -204,8 +195,7 @@ def _encode(model, fn, batch, device):
 def score_shard(shard: int, shards_dir: Path, out_dir: Path, model, preprocess, tokenizer, embedding: str,
                 batch_size: int = 256, device: str = "cpu", source: SourceColumns | None = None) -> tuple[int, int]:
     """Score one shard; writes ``OUT/SSSSSSSS.npz`` then ``.parquet``. Returns (rows, images)."""
-    import torch
-    from PIL import Image
+    import torch  # lazy: optional extra [torch]
 
     name = f"{shard:08d}"
     meta_path = shards_dir / f"{name}.parquet"
@@ -263,8 +253,8 @@ def score_shard(shard: int, shards_dir: Path, out_dir: Path, model, preprocess, 
     score = np.where(has_img, (img * txt).sum(axis=1), np.nan).astype(np.float32)
     score_arr = pa.array(score, pa.float32(), mask=~has_img)  # NULL, not NaN, where no image
     nulls = pa.nulls(n, pa.float32())
-    bboxes = (meta.column("face_bboxes").cast(OUT_SCHEMA.field("face_bboxes").type)
-              if "face_bboxes" in meta.column_names else pa.array([[]] * n, OUT_SCHEMA.field("face_bboxes").type))
+    bboxes = (meta.column("face_bboxes").cast(POOL_SCHEMA.field("face_bboxes").type)
+              if "face_bboxes" in meta.column_names else pa.array([[]] * n, POOL_SCHEMA.field("face_bboxes").type))
 
     def col(c, t):
         return meta.column(c).cast(t) if c in meta.column_names else pa.nulls(n, t)
@@ -276,7 +266,7 @@ def score_shard(shard: int, shards_dir: Path, out_dir: Path, model, preprocess, 
         "clip_b32_similarity_score": score_arr if embedding == "b32" else nulls,
         "clip_l14_similarity_score": score_arr if embedding == "l14" else nulls,
         "face_bboxes": bboxes, "sha256": col("sha256", pa.string()),
-    }, schema=OUT_SCHEMA)
+    }, schema=POOL_SCHEMA)
     for fld, arr in zip(source.fields if source else [], extra):
         table = table.append_column(fld, arr)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -336,14 +326,6 @@ def score_shards(shards_dir: str | os.PathLike, out_metadata_dir: str | os.PathL
                        list(source.names) if source is not None else [])
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def score_data_dir(data_dir: str | os.PathLike, arch: str | None, checkpoint: str | os.PathLike,
                    model_config: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
                    embedding: str | None = None, batch_size: int = 256, device: str = "cpu",
@@ -365,7 +347,7 @@ def score_data_dir(data_dir: str | os.PathLike, arch: str | None, checkpoint: st
     model, preprocess, tokenizer, name = load_model(arch, checkpoint, model_config, device)
     embedding = embedding or default_embedding(name)
     record = {"model": name, "checkpoint": str(Path(checkpoint).resolve()),
-              "checkpoint_sha256": _sha256_file(Path(checkpoint)), "embedding": embedding,
+              "checkpoint_sha256": file_sha256(checkpoint), "embedding": embedding,
               "model_config": str(Path(model_config).resolve()) if model_config else None}
     rec_path = out_dir / MODEL_RECORD
     if rec_path.is_file() and not overwrite:
@@ -386,8 +368,6 @@ def score_data_dir(data_dir: str | os.PathLike, arch: str | None, checkpoint: st
 def source_metadata_dir(data_dir: Path) -> Path | None:
     """The metadata ``DATA_DIR/shards`` were downloaded from: as recorded by `curate download`,
     else ``DATA_DIR/metadata``; None if neither exists."""
-    from curate.pool.download import MANIFEST
-
     try:
         recorded = json.loads((data_dir / MANIFEST).read_text()).get("metadata_dir")
     except (OSError, ValueError):
@@ -396,3 +376,15 @@ def source_metadata_dir(data_dir: Path) -> Path | None:
         if d.is_dir() and any(d.glob("*.parquet")):
             return d
     return None
+
+
+def init_scored_catalog(catalog: str | os.PathLike, data_dir: str | os.PathLike, scored_dir: str | os.PathLike,
+                        overwrite: bool = False) -> bool:
+    """Create ``catalog`` over the scored metadata ``scored_dir`` and ``DATA_DIR/shards``, with
+    the ``download_status`` view when `curate download` left status files. Returns whether it did."""
+    data_dir = Path(data_dir)
+    init_catalog(catalog, metadata=scored_dir, shards=data_dir / "shards", overwrite=overwrite)
+    status = sorted((data_dir / STATUS_DIR).glob("*.parquet"))
+    if status:
+        register_status_view(catalog, status, data_dir)
+    return bool(status)

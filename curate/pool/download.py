@@ -24,8 +24,11 @@ import json
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import time
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +38,8 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from curate.atomic import atomic_path, write_json
+from curate.catalog.connection import init_catalog, register_parquet_view
+from curate.catalog.schema import POOL_COLUMNS, check_columns, read_footer
 from curate.errors import CurateError
 
 #: DataComp's hub repositories per scale (download_upstream.py).
@@ -55,8 +60,8 @@ MANIFEST = "download_manifest.json"
 REPORT = "download_report.json"
 STATUS_DIR = "download_status"
 
-#: column -> (Arrow type family, needed when)
-_REQUIRED = {"uid": "string", "url": "string", "text": "string"}
+#: The pool columns img2dataset reads (``face_bboxes`` too, unless blurring is skipped).
+REQUIRED_COLUMNS = ("uid", "url", "text")
 
 
 class DownloadError(CurateError):
@@ -122,18 +127,6 @@ def read_rows(path: Path, columns: list[str], start: int, stop: int) -> pa.Table
     return pf.read_row_groups(groups, columns=columns).slice(start - first, stop - start)
 
 
-def _family(t: pa.DataType) -> str:
-    if pa.types.is_string(t) or pa.types.is_large_string(t):
-        return "string"
-    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
-        return "list"
-    if pa.types.is_integer(t):
-        return "integer"
-    if pa.types.is_floating(t):
-        return "floating"
-    return str(t)
-
-
 def _null_count(path: Path, meta: pq.FileMetaData, column: str) -> int:
     """Nulls in one column: from row-group statistics when every group has them, else a scan."""
     idx = meta.schema.names.index(column)
@@ -153,7 +146,8 @@ def check_metadata(metadata_dir: str | os.PathLike, blur: bool = True, verify: b
     """Check every parquet in ``metadata_dir`` before a single byte is downloaded.
 
     Columns img2dataset reads must exist with the same types in every file (a mixed directory
-    would otherwise fail halfway through, or shift shard numbers). ``sha256`` is optional; when
+    would otherwise fail halfway through, or shift shard numbers; types are checked as the
+    catalog checks them, :mod:`curate.catalog.schema`). ``sha256`` is optional; when
     present and ``verify`` is on, it may hold no nulls (img2dataset would count a null as a
     mismatch and drop the image).
     """
@@ -165,28 +159,20 @@ def check_metadata(metadata_dir: str | os.PathLike, blur: bool = True, verify: b
     if not paths:
         raise DownloadError(f"{metadata_dir}: no .parquet files (put your metadata there, or omit "
                             f"--metadata-dir to fetch a DataComp pool from the hub)")
-    needed = dict(_REQUIRED)
-    if blur:
-        needed["face_bboxes"] = "list"
+    needed = {c: POOL_COLUMNS[c] for c in REQUIRED_COLUMNS + (("face_bboxes",) if blur else ())}
     files, first_types, first_path = [], None, None
     shard = 0
     has_sha = []
     for path in paths:
-        try:
-            meta = pq.read_metadata(path)
-            schema = meta.schema.to_arrow_schema()
-        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for bad files
-            raise DownloadError(f"{path}: not a readable parquet file ({e})") from None
-        types = {f.name: f.type for f in schema}
-        for col, family in needed.items():
-            if col not in types:
-                hint = " (or pass --skip-bbox-blurring)" if col == "face_bboxes" else ""
-                raise DownloadError(f"{path}: missing column '{col}'; download needs "
-                                    f"{', '.join(needed)}{hint}; found {', '.join(types) or 'no columns'}")
-            if _family(types[col]) != family:
-                raise DownloadError(f"{path}: column '{col}' has type {types[col]}, expected {family}")
-        if "sha256" in types and _family(types["sha256"]) != "string":
-            raise DownloadError(f"{path}: column 'sha256' has type {types['sha256']}, expected string")
+        meta, types = read_footer(path, path, DownloadError)
+
+        def missing(col: str) -> str:
+            hint = " (or pass --skip-bbox-blurring)" if col == "face_bboxes" else ""
+            return f"; download needs {', '.join(needed)}{hint}; found {', '.join(types) or 'no columns'}"
+
+        check_columns(path, types, needed, DownloadError, missing)
+        if "sha256" in types:  # optional; when present, a string like the pool's
+            check_columns(path, types, {"sha256": POOL_COLUMNS["sha256"]}, DownloadError)
         watched = {c: str(types[c]) for c in [*needed, "sha256"] if c in types}
         if first_types is None:
             first_types, first_path = watched, path
@@ -236,7 +222,7 @@ def fetch_metadata(scale: str, metadata_dir: Path, cache_dir: Path, npz: bool = 
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         raise DownloadError(f"{repo}: HF_HUB_OFFLINE is set, cannot fetch metadata; {by_hand}")
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # lazy: optional extra [download]
     except ImportError:
         raise DownloadError(f"{repo}: huggingface_hub is not installed (pip install 'curate[download]'); "
                             f"{by_hand}") from None
@@ -294,7 +280,7 @@ def _check_writable(d: Path) -> None:
                             f"or deleted") from None
 
 
-def _done_shards(shards_dir: Path) -> list[int]:
+def done_shards(shards_dir: Path) -> list[int]:
     """Shards img2dataset considers finished: those with ``SSSSSSSS_stats.json``."""
     out = []
     for p in shards_dir.glob("*_stats.json"):
@@ -308,7 +294,7 @@ def _check_manifest(data_dir: Path, md: Metadata, shards_dir: Path, verified: bo
     """Refuse to resume over shards that were numbered from different metadata."""
     path = data_dir / MANIFEST
     files = [[f.path.name, f.num_rows] for f in md.files]
-    for shard in _done_shards(shards_dir):
+    for shard in done_shards(shards_dir):
         stats = shards_dir / f"{shard:08d}_stats.json"
         try:
             json.loads(stats.read_text())
@@ -317,7 +303,7 @@ def _check_manifest(data_dir: Path, md: Metadata, shards_dir: Path, verified: bo
             # shard done; removing it makes img2dataset download that shard again
             stats.unlink()
     before = json.loads(path.read_text()) if path.is_file() else {}
-    if before and _done_shards(shards_dir):
+    if before and done_shards(shards_dir):
         verified = verified and before.get("verify_hash", False)
         before = before.get("files", [])
         if before != files:
@@ -338,10 +324,6 @@ def probe_hosts(md: Metadata, sample: int = 64, max_hosts: int = 8, timeout: flo
     failed_to_download, and img2dataset's incremental mode would never retry them. Skipped
     when an HTTP proxy is configured (urllib would go through it, not straight to the hosts).
     """
-    import socket
-    import urllib.parse
-    import urllib.request
-
     if any(k in urllib.request.getproxies() for k in ("http", "https")):
         return
     urls = []
@@ -375,7 +357,7 @@ def run_img2dataset(metadata_dir: Path, shards_dir: Path, md: Metadata, s: Downl
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations asks PyPI at import
     os.environ.setdefault("WANDB_MODE", "disabled")
     try:
-        from img2dataset import download as i2d_download
+        from img2dataset import download as i2d_download  # lazy: optional extra [download]
     except ImportError:
         raise DownloadError("img2dataset is not installed (pip install 'curate[download]')") from None
     verify = ["sha256", "sha256"] if (s.verify_hash and md.has_sha256) else None
@@ -470,7 +452,7 @@ def update_status(data_dir: Path, md: Metadata, progress: bool = True) -> list[P
     status_dir.mkdir(parents=True, exist_ok=True)
     con = duckdb.connect()
     out = []
-    for shard in tqdm(_done_shards(shards_dir), desc="status", unit="shard", disable=not progress):
+    for shard in tqdm(done_shards(shards_dir), desc="status", unit="shard", disable=not progress):
         dest = status_dir / f"{shard:08d}.parquet"
         stats = shards_dir / f"{shard:08d}_stats.json"
         if not (dest.is_file() and dest.stat().st_mtime_ns >= stats.stat().st_mtime_ns):
@@ -550,8 +532,6 @@ def build_report(data_dir: Path, md: Metadata, status_files: list[Path], verifie
 def register_status_view(catalog: str | os.PathLike, status_files: list[Path], data_dir: Path,
                          metadata_dir: Path | None = None) -> None:
     """Register ``download_status`` in a catalog (creating the catalog over ``data_dir`` if absent)."""
-    from curate.catalog.connection import init_catalog, register_parquet_view
-
     if not status_files:
         raise DownloadError(f"{data_dir}: no finished shard yet, nothing to register")
     if not Path(catalog).exists():
@@ -589,7 +569,7 @@ def download(data_dir: str | os.PathLike, scale: str | None = "small", metadata_
     shards_dir = data_dir / "shards"
     _check_writable(shards_dir)
     _check_manifest(data_dir, md, shards_dir, verified=s.verify_hash and md.has_sha256)
-    if len(_done_shards(shards_dir)) < md.num_shards:
+    if len(done_shards(shards_dir)) < md.num_shards:
         probe_hosts(md)
         run_img2dataset(metadata_dir, shards_dir, md, s)
     status_files = update_status(data_dir, md, progress=progress)

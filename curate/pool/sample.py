@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import tarfile
 import zipfile
 from pathlib import Path
 
@@ -25,7 +24,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
+from PIL import Image, ImageDraw
 
+from curate.shards.tar import write_tar
 from curate.uids import pairs_to_hex_array
 
 SAMPLES_PER_SHARD = 10_000
@@ -192,8 +193,6 @@ def write_npz(path: Path, arrays: dict) -> None:
 
 
 def _image(concept: int, seed: int, size: int) -> bytes:
-    from PIL import Image, ImageDraw
-
     rng = np.random.default_rng(seed)
     noun, colour = CONCEPTS[concept] if concept >= 0 else ("?", None)
     fg = PALETTE.get(colour) or tuple(int(c) for c in rng.integers(0, 255, 3))
@@ -214,15 +213,6 @@ def _image(concept: int, seed: int, size: int) -> bytes:
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=90)
     return buf.getvalue()
-
-
-def _tar_add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o444
-    info.uname = info.gname = "curate"
-    tf.addfile(info, io.BytesIO(data))
 
 
 def write_shards(shards_dir: Path, table: pa.Table, concept, first_shard: int, rng, image_size: int):
@@ -257,12 +247,9 @@ def write_shards(shards_dir: Path, table: pa.Table, concept, first_shard: int, r
             records.append(meta)
         order = list(members)
         rng.shuffle(order)  # img2dataset writes in download-completion order, not key order
-        with tarfile.open(shards_dir / f"{shard:08d}.tar", "w", format=tarfile.USTAR_FORMAT) as tf:
-            for key in order:
-                img, txt, js = members[key]
-                _tar_add(tf, f"{key}.jpg", img)
-                _tar_add(tf, f"{key}.txt", txt)
-                _tar_add(tf, f"{key}.json", js)
+        write_tar(shards_dir / f"{shard:08d}.tar",
+                  ((f"{key}.{ext}", data) for key in order for ext, data in zip(("jpg", "txt", "json"), members[key])),
+                  owner="curate")
         meta_table = pa.Table.from_pylist(records)
         pq.write_table(meta_table.drop_columns(["face_bboxes"]), shards_dir / f"{shard:08d}.parquet")
         successes = len(members)

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from curate import storage
-from curate.run.partition import PREFIX_BITS, run_header_bytes
 from curate.errors import CurateError
-from curate.subset import SUBSET_DTYPE, open_subset
+from curate.run.partition import PREFIX_BITS
+from curate.subset import NPY_HEADER_LEN, SUBSET_DTYPE, npy_header, open_subset
 from curate.uids import sort_records
 
 BUCKETS_INDEX = "buckets.json"
@@ -85,7 +85,7 @@ def sort_bucket(slices: list[tuple[str, int, int]], bucket_path: str, marker_pat
     with storage.open_output(bucket_path, storage_options) as f:
         np.save(f, rec, allow_pickle=False)
     marker = {"bucket": bucket_path, "count": int(len(hi)), "distinct": distinct,
-              "header_bytes": run_header_bytes(len(hi)),
+              "header_bytes": NPY_HEADER_LEN,
               "first": f"{int(hi[0]):016x}{int(lo[0]):016x}" if len(hi) else None,
               "last": f"{int(hi[-1]):016x}{int(lo[-1]):016x}" if len(hi) else None}
     storage.write_json(marker_path, marker, storage_options)
@@ -99,8 +99,7 @@ def concatenate_buckets(buckets: list[dict], out: str, storage_options: dict | N
     """
     total = sum(int(b["count"]) for b in buckets)
     with storage.open_output(out, storage_options) as f:
-        np.lib.format.write_array_header_1_0(
-            f, {"descr": np.lib.format.dtype_to_descr(SUBSET_DTYPE), "fortran_order": False, "shape": (total,)})
+        f.write(npy_header(total))
         for b in buckets:
             start, end = int(b["header_bytes"]), int(b["header_bytes"]) + 16 * int(b["count"])
             pos = start

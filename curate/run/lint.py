@@ -1,24 +1,20 @@
 """Static and bind-time checks of a filter file against a catalog's schema.
 
-sqlglot parses the filter's query and qualifies every column against the catalog's tables and
-views (so a misspelt column is reported by name with the tables it could have come from);
-DuckDB then binds the query without running it, which catches what sqlglot cannot know (macro
-arguments, types) and tells us the result columns, which must be exactly one ``uid`` VARCHAR.
+The filter is loaded and prepared like a run (:mod:`curate.run.query`), without building
+feature tables. sqlglot parses the filter's query and qualifies every column against the
+catalog's tables and views (so a misspelt column is reported by name with the tables it could
+have come from); DuckDB then binds the query without running it, which catches what sqlglot
+cannot know (macro arguments, types) and checks the result is exactly one ``uid`` VARCHAR.
+
+sqlglot is imported when a filter is linted, never on ``curate run``'s start-up path.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import duckdb
-import sqlglot
-from sqlglot import exp
-from sqlglot.errors import OptimizeError, ParseError
-from sqlglot.optimizer.qualify import qualify
-
-from curate.catalog.connection import connect
 from curate.features.registry import PRODUCERS
-from curate.run.runner import FilterError, _one_line, load_filter, prepare
+from curate.run.query import FilterError, check_uid_column, open_filter
 
 
 @dataclass
@@ -45,14 +41,36 @@ def _schema(con) -> dict:
 
 
 def lint_filter(path, catalog=None) -> LintReport:
-    con = connect(catalog)
+    """Check the filter ``path`` (a file or a bundled filter's name) against ``catalog``."""
     report = LintReport(str(path))
     try:
-        flt = load_filter(path, con)
-        query, report.params = prepare(con, flt, {})
+        opened = open_filter(path, catalog, features=False)
     except FilterError as e:
         report.errors.append(str(e))
         return report
+    con = opened.con
+    report.params = opened.params
+    try:
+        pending = _static_checks(opened.query, path, con, report)
+        if pending is None or pending:  # a syntax error; or views DuckDB cannot bind before they exist
+            return report
+        try:
+            check_uid_column(con, opened.query, path)
+        except FilterError as e:
+            report.errors.append(str(e))
+    finally:
+        con.close()
+    return report
+
+
+def _static_checks(query: str, path, con, report: LintReport) -> set[str] | None:
+    """sqlglot's checks: syntax, tables, functions, columns. The producer views the query reads
+    that are not built yet (their columns cannot be checked); None after a syntax error."""
+    import sqlglot  # lazy: sqlglot stays off `curate run`'s start-up path
+    from sqlglot import exp  # lazy: as above
+    from sqlglot.errors import OptimizeError, ParseError  # lazy: as above
+    from sqlglot.optimizer.qualify import qualify  # lazy: as above
+
     try:
         tree = sqlglot.parse_one(query, read="duckdb")
     except ParseError as e:
@@ -61,7 +79,7 @@ def lint_filter(path, catalog=None) -> LintReport:
             f"{path}: syntax error at line {err.get('line', '?')}, column {err.get('col', '?')}: "
             f"{err.get('description', str(e))}"
         )
-        return report
+        return None
     schema = _schema(con)
     ctes = {c.alias_or_name for c in tree.find_all(exp.CTE)}
     pending = set()  # views a producer builds on first `curate run`: known, columns unchecked
@@ -98,18 +116,4 @@ def lint_filter(path, catalog=None) -> LintReport:
             report.errors.append(f"{path}: {e}")
         except Exception:  # noqa: BLE001 - sqlglot may not model every DuckDB construct; DuckDB binds below
             pass
-    if pending:  # DuckDB cannot bind a query over views that do not exist yet
-        con.close()
-        return report
-    try:
-        rel = con.sql(query)
-        if rel.columns != ["uid"]:
-            report.errors.append(
-                f"{path}: the query must return exactly one column named `uid`; it returns "
-                f"{', '.join(rel.columns)}")
-        elif str(rel.types[0]) != "VARCHAR":
-            report.errors.append(f"{path}: column `uid` has type {rel.types[0]}, expected VARCHAR")
-    except duckdb.Error as e:
-        report.errors.append(f"{path}: {_one_line(e)}")
-    con.close()
-    return report
+    return pending

@@ -25,10 +25,12 @@ from pathlib import Path
 import duckdb
 import numpy as np
 
-from curate.catalog.connection import _create_views, _parquet_view_sql, catalog_meta, sql_identifier, sql_literal
-from curate.errors import CurateError
 from curate import storage
+from curate.catalog.connection import catalog_meta, create_views, parquet_view_sql, sql_identifier, sql_literal
+from curate.errors import CurateError
+from curate.run.query import locate_bad_uid, one_line, substitute_subsets
 from curate.run.ray_threshold import partition_histogram, score_batches
+from curate.subset import NPY_HEADER_LEN
 from curate.uids import SUBSET_DTYPE, BadUid, hex_array_to_records, sort_records
 
 #: uid prefix bits used to cut the sorted output into buckets (4,096 prefixes)
@@ -124,27 +126,22 @@ def open_partition(ctx: PoolContext, file_id: int) -> duckdb.DuckDBPyConnection:
         "extra_columns": "".join(f"{sql_identifier(c)}, " for c in ctx.extra_columns),
     }
     try:
-        _create_views(con, values, temp=False)
+        create_views(con, values, temp=False)
         for name, select_sql, paths, options in ctx.views:
             if name in ctx.partitioned_views:
                 # this partition's rows only; the stem is catalog data, quoted like DDL paths
                 hidden = f"__curate_all_{name}"
-                con.execute(_parquet_view_sql(hidden, select_sql, paths, options, temp=False))
+                con.execute(parquet_view_sql(hidden, select_sql, paths, options, temp=False))
                 con.execute(f"CREATE VIEW {sql_identifier(name)} AS SELECT * FROM {sql_identifier(hidden)} "
                             f"WHERE file = {sql_literal(row[1])}")
             else:
-                con.execute(_parquet_view_sql(name, select_sql, paths, options, temp=False))
+                con.execute(parquet_view_sql(name, select_sql, paths, options, temp=False))
     except duckdb.Error as e:
-        raise CurateError(f"{row[2]}: cannot open pool file ({_one_line(e)})") from None
+        raise CurateError(f"{row[2]}: cannot open pool file ({one_line(e)})") from None
     for name, typ, value in ctx.variables:
         # name and type were checked against identifier/type patterns; the value is bound
         con.execute(f"SET VARIABLE {name} = CAST(? AS {typ})", [value])
     return con
-
-
-def _one_line(e: Exception) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return " ".join(lines[:2]) if lines else type(e).__name__
 
 
 def threshold_pass(ctx: PoolContext, file_id: int, score_sql: str, level: int, prefix: int | None):
@@ -153,20 +150,9 @@ def threshold_pass(ctx: PoolContext, file_id: int, score_sql: str, level: int, p
     try:
         return partition_histogram(score_batches(con, score_sql), level, prefix)
     except duckdb.Error as e:
-        raise CurateError(f"{ctx.file_row(file_id)[2]}: fraction_threshold({score_sql}, ...): {_one_line(e)}") from None
+        raise CurateError(f"{ctx.file_row(file_id)[2]}: fraction_threshold({score_sql}, ...): {one_line(e)}") from None
     finally:
         con.close()
-
-
-def run_header_bytes(n: int) -> int:
-    """Size of the .npy header ``np.save`` writes for ``n`` subset records."""
-    import io
-
-    buf = io.BytesIO()
-    np.lib.format.write_array_header_1_0(
-        buf, {"descr": np.lib.format.dtype_to_descr(np.dtype([("f0", "<u8"), ("f1", "<u8")])),
-              "fortran_order": False, "shape": (n,)})
-    return buf.tell()
 
 
 def filter_partition(ctx: PoolContext, file_id: int, query: str, params: dict, filter_name: str,
@@ -178,8 +164,6 @@ def filter_partition(ctx: PoolContext, file_id: int, query: str, params: dict, f
         # fault-injection for tests: kill this worker process once, as a machine loss would
         Path(crash_once).write_text(str(os.getpid()))
         os._exit(1)
-    from curate.run.runner import _locate_bad_uid, substitute_subsets
-
     t0 = time.perf_counter()
     row = ctx.file_row(file_id)
     con = open_partition(ctx, file_id)
@@ -193,9 +177,9 @@ def filter_partition(ctx: PoolContext, file_id: int, query: str, params: dict, f
                 try:
                     parts.append(hex_array_to_records(batch.column(0)))
                 except BadUid as e:
-                    raise _locate_bad_uid(con, e, Path(filter_name)) from None
+                    raise locate_bad_uid(con, e, Path(filter_name)) from None
         except duckdb.Error as e:
-            raise CurateError(f"{filter_name}: on pool file {row[2]}: {_one_line(e)}") from None
+            raise CurateError(f"{filter_name}: on pool file {row[2]}: {one_line(e)}") from None
     finally:
         con.close()
     rec = sort_records(np.concatenate(parts) if parts else np.empty(0, SUBSET_DTYPE))
@@ -208,7 +192,7 @@ def filter_partition(ctx: PoolContext, file_id: int, query: str, params: dict, f
         "file": row[1],
         "run": run_path,
         "count": int(len(hi)),
-        "header_bytes": run_header_bytes(len(hi)),
+        "header_bytes": NPY_HEADER_LEN,  # np.save's header of a subset (curate.subset.npy_header)
         "prefix_counts": prefixes.tolist(),
         "seconds": round(time.perf_counter() - t0, 4),  # inside the task: scaling benches use it
     }

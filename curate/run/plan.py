@@ -19,13 +19,6 @@ from __future__ import annotations
 import sqlglot
 from sqlglot import exp
 
-from curate.run.thresholds import (  # noqa: F401 - re-exported for the ray engine
-    VARIABLE_PREFIX,
-    ThresholdCall,
-    extract_fraction_thresholds,
-    mentions_fraction_threshold,
-)
-
 _GLOBAL_CLAUSES = {
     "group": "GROUP BY",
     "having": "HAVING",
@@ -87,7 +80,7 @@ def _joined_on_file(ref: exp.Table) -> bool:
 
 
 def row_local_problem(sql: str, partitioned=("pool",)) -> str | None:
-    """None if ``sql`` (after :func:`extract_fraction_thresholds`) can run per pool file;
+    """None if ``sql`` (after :func:`curate.run.thresholds.extract_fraction_thresholds`) can run per pool file;
     otherwise a short reason naming the construct that needs the whole pool.
 
     ``partitioned`` names the tables a partition restricts to its pool file: ``pool`` and the

@@ -5,9 +5,9 @@ pool. ``attach`` turns them into the catalog views ``timesplit(uid, year, month)
 ``tic_yearly(uid, year)`` and ``tic_eval(uid, task, year, wnid, class_id)``; the filters in
 ``filters/tic/`` and ``export`` make every split a query (``evalsets`` reshards the eval sets
 into clip_benchmark webdatasets); ``plan`` writes the training schedule of each
-continual-learning strategy of the paper and ``prepare`` materialises its data dirs;
-``analytics`` counts samples by time. ``artifacts`` writes TiC-format files for any pool so
-that all of it runs offline.
+continual-learning strategy of the paper, ``prepare`` materialises its data dirs and
+``train`` runs it step by step with the fixed trainer; ``analytics`` counts samples by time.
+``artifacts`` writes TiC-format files for any pool so that all of it runs offline.
 
 This module holds the names every part shares: the artifact file names as TiC ships them,
 the valid year range and the ImageNet-1k class list (from timm's package data, read as a

@@ -83,10 +83,10 @@ def write_stats(st: TimeStats, out) -> list[Path]:
         files.append(out / "keep_rate_by_year.csv")
         _csv(files[-1], ["year", "train_samples", "kept", "keep_rate"],
              [(y, n, k, f"{r:.6f}") for y, n, k, r in st.keep])
-    import matplotlib
+    import matplotlib  # lazy: optional extra [plot]
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: optional extra [plot]
 
     n_plots = 2 if st.keep else 1
     fig, axes = plt.subplots(n_plots, 1, figsize=(10, 3.2 * n_plots), squeeze=False)

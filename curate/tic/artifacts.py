@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from curate.atomic import atomic_path, write_json
 from curate.catalog.connection import connect
@@ -76,8 +77,6 @@ class Assignment:
 
 
 def _pairs(uids: list[str]) -> np.ndarray:
-    import pyarrow as pa
-
     hi, lo = hex_array_to_pairs(pa.array(uids, pa.string()))
     return sort_pairs(hi, lo)
 

@@ -39,6 +39,7 @@ from tqdm import tqdm
 from curate.atomic import atomic_path
 from curate.catalog.connection import connect, features_dir, register_parquet_view
 from curate.safepickle import safe_load
+from curate.subset import BadSubset, read_subset_header
 from curate.tic import (DATACOMPNET_MAP, MONTHLY_DIR, RETRIEVAL_MAP, YEARLY_DIR, TicError, check_month,
                         check_year, imagenet_wnids, wnid_to_class_id)
 from curate.uids import SUBSET_DTYPE, BadUid, hex_array_to_pairs, pairs_to_hex_array
@@ -52,22 +53,6 @@ EVAL_SCHEMA = pa.schema([("uid", pa.string()), ("task", pa.string()), ("year", p
 
 
 # ---- reading uid .npy files from disk or from a tar stream -------------------------------
-
-def _npy_header(f, origin: str) -> int:
-    """Read an npy header from a stream positioned at its start; return the record count."""
-    try:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-        else:
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-    except Exception as e:  # noqa: BLE001 - any malformed header is the user's file
-        raise TicError(f"{origin}: not a .npy uid file ({e})") from None
-    if dtype != SUBSET_DTYPE or len(shape) != 1:
-        raise TicError(f"{origin}: dtype {dtype.descr} shape {shape} is not a uid file "
-                       f"([('f0','<u8'),('f1','<u8')], one-dimensional)")
-    return int(shape[0])
-
 
 def _read_records(f, count: int, origin: str):
     """Yield record arrays of at most CHUNK uids from an npy body stream."""
@@ -89,7 +74,10 @@ def _write_uid_parquet(f, origin: str, source_id: str, dest: Path, schema: pa.Sc
     ``source_id`` (path, size, mtime of the input) is stored in the parquet metadata, so a
     rerun skips exactly the files converted from the same input.
     """
-    count = _npy_header(f, origin)
+    try:
+        count = read_subset_header(f, origin)
+    except BadSubset as e:
+        raise TicError(str(e)) from None
     if expected is not None and count != expected:
         raise TicError(f"{origin}: holds {count} uids but sizes.json says {expected}")
     if dest.exists():

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from curate.atomic import atomic_path
+from curate.engine import Engine
+from curate.shards.reshard import Output, ReshardError, reshard_many
 from curate.tic import TicError
 
 TASK_TYPE = {"retrieval": "retrieval", "datacompnet": "classification"}
@@ -80,12 +82,10 @@ def _write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def reshard_eval_sets(export_dir, shards, catalog=None, workers: int | None = None,
-                      progress: bool = False, shard_size: int = 10000, engine: str = "local",
-                      ray_address: str | None = None) -> EvalSetResult:
-    """Reshard every eval subset under ``export_dir/eval`` from ``shards`` (one multi-output job)."""
-    from curate.shards.reshard import Output, ReshardError, reshard_many
-
+def reshard_eval_sets(export_dir, shards, catalog=None, progress: bool = False, shard_size: int = 10000,
+                      engine: Engine | None = None) -> EvalSetResult:
+    """Reshard every eval subset under ``export_dir/eval`` from ``shards`` (one multi-output job
+    whose output shards are written where ``engine`` says; default: local processes, all cores)."""
     export_dir = Path(export_dir)
     ev = export_dir / "eval"
     outputs, targets = [], []
@@ -106,8 +106,8 @@ def reshard_eval_sets(export_dir, shards, catalog=None, workers: int | None = No
     inputs = [Path(s) for s in ([shards] if isinstance(shards, (str, os.PathLike)) else shards)]
     for _ in range(len(outputs) + 1):
         try:
-            results = reshard_many(inputs, outputs, catalog=catalog, workers=workers, progress=progress,
-                                   shard_size=shard_size, engine=engine, ray_address=ray_address)
+            results = reshard_many(inputs, outputs, catalog=catalog, progress=progress, shard_size=shard_size,
+                                   engine=engine)
             break
         except ReshardError as e:
             # .reshard/ is ours: a staging dir left by an earlier export of other eval uids (or by
@@ -150,7 +150,7 @@ def reshard_eval_sets(export_dir, shards, catalog=None, workers: int | None = No
 def write_tasklist(path: Path, sets: list[tuple[str, str, int]]) -> None:
     """A task list for ``curate eval`` covering the eval sets written (TiC's generate_tasklist.py:
     keys ``tic/datacomp/{retrieval|datacompnet}/yearly/{YYYY}``, mean_recall@1 / acc1)."""
-    import yaml
+    import yaml  # lazy: optional extra [torch] (pyyaml); only the eval sets' task list needs it
 
     tasks = {}
     # retrieval first: it is cheap, while each DataCompNet task encodes 1000 classes x 80 templates

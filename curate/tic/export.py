@@ -19,44 +19,40 @@ resharder would copy it twice); eval files are sorted and unique, as TiC's
 ``generate_eval_uids.py`` writes them.
 
 ``--filter`` restricts the training splits to a subset file (``.npy``) or a filter's result
-(``.sql``, with ``--set``), e.g. TiC's "basic" and "bestpool" variants; the eval sets are the
-same for every variant, as in TiC.
+(``.sql`` or a bundled filter's name, with ``--set``), e.g. TiC's "basic" and "bestpool"
+variants; the eval sets are the same for every variant, as in TiC. A ``.sql`` filter is opened
+like a run's (:mod:`curate.run.query`); on a distributed engine it runs first, per pool file
+(:func:`curate.run.run_filter`), and its subset file restricts the export.
+
+:func:`export_tic` is the whole ``curate tic export``: the filter, :func:`export_splits`, then
+the eval sets resharded into clip_benchmark webdatasets (:mod:`curate.tic.evalsets`).
 """
 
 from __future__ import annotations
 
-import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
+from curate import resources
 from curate.atomic import atomic_path, write_json
-from curate.catalog.connection import connect
+from curate.catalog.connection import connect, shards_dir
+from curate.engine import Engine
 from curate.errors import CurateError
-from curate.run.runner import load_filter, prepare
-from curate.features.registry import ensure_features, needed_producers
-from curate.subset import subset_to_arrow
+from curate.run import RunResult, run_filter
+from curate.run.query import build_features, check_uid_column, load_filter, precompute_thresholds, prepare
+from curate.subset import NPY_HEADER_LEN, npy_header, subset_to_arrow
 from curate.tic import TicError
+from curate.tic.evalsets import EvalSetResult, reshard_eval_sets
 from curate.uids import SUBSET_DTYPE, pairs_to_hex_array, to_records
 
-_HEADER_LEN = 128
 BATCH = 1 << 18  # rows per Arrow batch of the export stream
-
-
-def npy_header(count: int) -> bytes:
-    """The exact header ``np.save`` writes for a 1-D ``u8,u8`` array of ``count`` records."""
-    buf = io.BytesIO()
-    np.lib.format.write_array_header_1_0(
-        buf, {"descr": np.lib.format.dtype_to_descr(SUBSET_DTYPE), "fortran_order": False, "shape": (count,)})
-    head = buf.getvalue()
-    if len(head) != _HEADER_LEN:  # cannot happen below 10**40 records; guard the placeholder trick
-        raise AssertionError(f"npy header of {len(head)} bytes")
-    return head
 
 
 class SubsetStream:
@@ -67,7 +63,7 @@ class SubsetStream:
         self._ctx = atomic_path(self.dest)
         self._tmp = self._ctx.__enter__()
         self._f = open(self._tmp, "wb")
-        self._f.write(b"\0" * _HEADER_LEN)
+        self._f.write(b"\0" * NPY_HEADER_LEN)
         self.count = 0
         self._last = None
 
@@ -129,19 +125,24 @@ ORDER BY year, hi, lo
 
 
 def ensure_filter_features(catalog, filter_path, sets: dict, progress: bool = False) -> None:
-    """Build the feature views a ``.sql`` filter needs (call with no connection open)."""
-    if filter_path is not None and Path(filter_path).suffix == ".sql" and Path(filter_path).is_file():
-        text = Path(filter_path).read_text()
-        if needed_producers(text):
-            ensure_features(catalog, text, sets, progress=progress)
+    """Build the feature views a ``.sql`` filter needs for its parameters (call with no
+    connection open; :func:`curate.run.query.build_features`)."""
+    if filter_path is None:
+        return
+    path = resources.filter_file(filter_path)
+    if path.suffix == ".sql" and path.is_file():
+        build_features(catalog, load_filter(path), sets, progress)
 
 
 def keep_condition(con, flt: Path, sets: dict) -> str:
     """Register the uids a filter or subset file selects as temp table ``__tic_keep``; return the
     WHERE condition export uses (eval rows always pass, training rows only if kept)."""
+    flt = resources.filter_file(flt)
     if flt.suffix == ".sql":
-        f = load_filter(flt, con)
+        f = load_filter(flt)
         query, _ = prepare(con, f, sets)
+        query, _ = precompute_thresholds(con, query)
+        check_uid_column(con, query, flt)
         try:
             con.execute(f"CREATE TEMP TABLE __tic_keep AS SELECT DISTINCT uid FROM ({query})")
         except duckdb.Error as e:
@@ -281,4 +282,64 @@ def _write_records(path: Path, rec: np.ndarray) -> None:
             np.save(f, np.ascontiguousarray(rec, dtype=SUBSET_DTYPE), allow_pickle=False)
 
 
-__all__ = ["export_splits", "ExportResult", "SubsetStream", "npy_header"]
+@dataclass
+class TicExport:
+    """What :func:`export_tic` did."""
+
+    splits: ExportResult
+    filter_run: RunResult | None = None  # the .sql filter run on a distributed engine first
+    eval_sets: EvalSetResult | None = None  # None: not resharded (see the lines it reported)
+
+
+def export_tic(catalog, out, filter_path=None, sets: dict | None = None, *, eval_sets: bool | None = None,
+               shards=None, engine: Engine | None = None, progress: bool = False,
+               echo: Callable[[str], None] | None = None) -> TicExport:
+    """``curate tic export``: every split file (:func:`export_splits`), then the eval sets as
+    clip_benchmark webdatasets (:func:`curate.tic.evalsets.reshard_eval_sets`).
+
+    ``filter_path`` restricts the training splits (a subset file, a ``.sql`` filter or a bundled
+    filter's name; ``sets`` its parameters). ``engine``: a distributed one runs a ``.sql`` filter
+    per pool file first, and the eval-set shards as its tasks (the streaming pass that writes the
+    split files stays here). ``eval_sets``: None reshards them when there is a shard directory
+    (``shards``, default the catalog's), True requires one, False skips them. ``echo`` receives
+    one line per finished step (the command prints them).
+    """
+    echo = echo or (lambda line: None)
+    sets = sets or {}
+    filter_run = None
+    if filter_path is not None:
+        filter_path = resources.filter_file(filter_path)
+    if engine is not None and engine.distributed and filter_path is not None and filter_path.suffix == ".sql":
+        subset = Path(out) / "filter" / (filter_path.stem + ".npy")
+        filter_run = run_filter(filter_path, catalog=catalog, out=subset, sets=sets, progress=progress, engine=engine)
+        echo(f"filter {filter_path} on ray: {filter_run.count:,} uids -> {subset}")
+        filter_path, sets = subset, {}
+    r = export_splits(catalog, out, filter_path, sets, progress=progress)
+    done = TicExport(r, filter_run)
+    echo(f"read {r.rows_read:,} timestamped samples of {r.pool_rows:,}"
+         + (f" (training splits ∩ {r.filter})" if r.filter else ""))
+    echo(f"wrote {len(r.yearly)} yearly files ({sum(r.yearly.values()):,} uids) and {len(r.monthly)} monthly "
+         f"files under {out} in {r.elapsed:.2f}s")
+    echo(f"eval subsets: retrieval {sum(r.retrieval.values()):,} uids, "
+         f"datacompnet {sum(r.datacompnet.values()):,} uids in {len(r.retrieval) + len(r.datacompnet)} files")
+    if eval_sets is False or not (r.retrieval or r.datacompnet):
+        return done
+    if shards is None:
+        shards = shards_dir(catalog)
+    if shards is None or not Path(shards).is_dir():
+        if eval_sets:
+            raise TicError(f"{catalog}: no pool shard directory to reshard the eval sets from; pass --shards DIR")
+        echo("eval sets not resharded: the catalog has no shard directory (pass --shards DIR)")
+        return done
+    t0 = time.perf_counter()
+    e = done.eval_sets = reshard_eval_sets(out, shards, catalog=catalog, progress=progress, engine=engine)
+    echo(f"eval sets: {sum(e.dirs.values()):,} samples in {len(e.dirs)} clip_benchmark dirs under "
+         f"{Path(out) / 'eval'} (read {e.input_shards_read} of {e.input_shards_total} pool shards) "
+         f"in {time.perf_counter() - t0:.2f}s")
+    if e.missing:
+        echo(f"note: {sum(e.missing.values()):,} eval uids have no downloaded sample in {shards}")
+    echo(f"wrote {e.tasklist} (curate eval --tasks {e.tasklist} --data-dir {out})")
+    return done
+
+
+__all__ = ["export_splits", "export_tic", "ExportResult", "TicExport", "SubsetStream"]

@@ -207,7 +207,7 @@ def write_plan(plan: dict, out) -> Path:
     """Write a plan as JSON, or YAML when ``out`` ends in .yaml/.yml."""
     out = Path(out)
     if out.suffix in (".yaml", ".yml"):
-        import yaml
+        import yaml  # lazy: optional extra [torch] (pyyaml); only .yaml plans need it
 
         with atomic_path(out) as tmp:
             tmp.write_text(yaml.safe_dump(plan, sort_keys=False))
@@ -217,14 +217,14 @@ def write_plan(plan: dict, out) -> Path:
 
 
 def read_plan(path) -> dict:
-    """Load and check a plan file (for the trainer)."""
+    """Load and check a plan file (for :mod:`curate.tic.prepare` and :mod:`curate.tic.train`)."""
     p = Path(path)
     if not p.is_file():
         raise TicError(f"{p}: plan file not found")
     text = p.read_text()
     try:
         if p.suffix in (".yaml", ".yml"):
-            import yaml
+            import yaml  # lazy: optional extra [torch] (pyyaml); only .yaml plans need it
 
             plan = yaml.safe_load(text)
         else:

@@ -18,13 +18,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from curate import resources
+from curate.catalog.connection import shards_dir
+from curate.engine import Engine
+from curate.run.runner import run_filter
+from curate.shards.reshard import Output, reshard_many
 from curate.tic import TicError
 from curate.tic.plan import read_plan
 
 
-
 @dataclass
 class PrepareResult:
+    """What :func:`prepare_plan` made: replay subsets written or kept, samples per data dir."""
+
     subsets_made: list[str] = field(default_factory=list)
     subsets_kept: list[str] = field(default_factory=list)
     dirs: dict[str, int] = field(default_factory=dict)  # data dir -> samples written
@@ -55,12 +60,14 @@ def _made_with(subset: Path, make: dict) -> bool:
     return Path(m.get("filter", "")).name == Path(make["filter"]).name and m.get("params") == dict(make.get("set") or {})
 
 
-def prepare_plan(plan_path, catalog, shards, root=None, only: list[str] | None = None,
-                 workers: int | None = None, overwrite: bool = False, progress: bool = False) -> PrepareResult:
-    """Make the replay subsets of ``plan_path`` and reshard all its data dirs from ``shards``."""
-    from curate.shards.reshard import Output, reshard_many
-    from curate.run.runner import run_filter
-
+def prepare_plan(plan_path, catalog, shards=None, root=None, only: list[str] | None = None,
+                 engine: Engine | None = None, overwrite: bool = False, progress: bool = False) -> PrepareResult:
+    """Make the replay subsets of ``plan_path`` and reshard all its data dirs from ``shards``
+    (default: the catalog's shard directory); the reshard's tasks run where ``engine`` says."""
+    if shards is None:
+        shards = shards_dir(catalog)
+        if shards is None:
+            raise TicError(f"{catalog}: no shards dir recorded; pass --shards DIR")
     t0 = time.perf_counter()
     plan = read_plan(plan_path)
     root = Path(root) if root is not None else Path.cwd()
@@ -91,7 +98,7 @@ def prepare_plan(plan_path, catalog, shards, root=None, only: list[str] | None =
     if not wanted:
         raise TicError(f"{plan_path}: no data entries to prepare" + (f" for steps {only}" if only else ""))
     results = reshard_many([Path(shards)], [Output(o, s, None) for o, s in wanted.items()],
-                           catalog=catalog, workers=workers, overwrite=overwrite, progress=progress)
+                           catalog=catalog, engine=engine, overwrite=overwrite, progress=progress)
     for o, r in zip(wanted, results):
         res.dirs[str(o)] = r.output_count
     res.elapsed = time.perf_counter() - t0

@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 
 import yaml
@@ -104,8 +105,9 @@ class DataSource:
     weight: float | None = None
 
 
-def _brace_runs(prefix: str, numbers: list[tuple[int, int]], suffix: str) -> list[str]:
-    """``[(n, width), ...]`` -> ``prefix{a..b}suffix`` patterns, one per contiguous run."""
+def brace_runs(prefix: str, numbers: list[tuple[int, int]], suffix: str) -> list[str]:
+    """``[(n, width), ...]`` -> ``prefix{a..b}suffix`` patterns, one per contiguous run (numbers
+    zero-padded to ``width``; a run only continues over numbers of the same width)."""
     out: list[str] = []
     numbers = sorted(numbers)
     i = 0
@@ -160,7 +162,7 @@ def _dir_patterns(d: Path) -> tuple[list[str], list[Path]]:
         else:
             patterns.append(str(t))
     for (prefix, suffix), nums in sorted(groups.items()):
-        patterns.extend(_brace_runs(f"{d}{os.sep}{prefix}", nums, suffix))
+        patterns.extend(brace_runs(f"{d}{os.sep}{prefix}", nums, suffix))
     for sub in sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")):
         p2, t2 = _dir_patterns(sub)
         patterns.extend(p2)
@@ -273,7 +275,7 @@ class TrainSpec:
 
 def visible_gpus() -> int:
     try:
-        import torch
+        import torch  # lazy: optional extra [torch]
 
         return torch.cuda.device_count() if torch.cuda.is_available() else 0
     except Exception:  # noqa: BLE001 - no usable torch means no GPU to use
@@ -357,7 +359,7 @@ def write_warmstart(checkpoint: Path, dest: Path) -> Path:
 
     This is TiC's ``--new-run``: keep the weights, restart optimizer, schedule and epoch.
     """
-    import torch
+    import torch  # lazy: optional extra [torch]
 
     if not Path(checkpoint).is_file():
         raise TrainError(f"--resume {checkpoint}: checkpoint not found")
@@ -474,7 +476,7 @@ def train(spec: TrainSpec, echo=None) -> TrainResult:
         last = next((ln for ln in reversed(tail) if ln.strip()), "no output")
         raise TrainError(f"open_clip_train exited with status {rc} for {spec.run_dir}"
                          f"{'' if ckpt else ' (no checkpoints/epoch_latest.pt)'}: {last.strip()}")
-    import torch
+    import torch  # lazy: optional extra [torch]
 
     # Only what the record needs; the checkpoint is ours (just written by open_clip).
     done_epochs = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("epoch")
@@ -512,8 +514,6 @@ def train(spec: TrainSpec, echo=None) -> TrainResult:
 
 def _open_clip_version() -> str | None:
     try:
-        from importlib.metadata import version
-
         return version("open_clip_torch")
     except Exception:  # noqa: BLE001
         return None
@@ -528,73 +528,3 @@ def read_record(run_dir: str | os.PathLike) -> dict:
         return json.loads(p.read_text())
     except ValueError as e:
         raise TrainError(f"{p}: not valid JSON ({e})") from None
-
-
-
-# --------------------------------------------------------------------------- TiC continual plans
-
-
-def _under(root: Path, p: str) -> str:
-    if p.startswith(("s3://", "pipe:", "http://", "https://")) or Path(p).is_absolute():
-        return p
-    return str(root / p)
-
-
-def plan_step_spec(step: dict, root: Path, **overrides) -> TrainSpec:
-    """The TrainSpec of one plan step (``step['train']``), paths resolved against ``root``."""
-    t = dict(step.get("train") or {})
-    unknown = set(t) - set(TrainSpec.__dataclass_fields__)
-    if unknown or "scale" not in t or "data" not in t or "output_dir" not in t:
-        raise TrainError(f"plan step {step.get('name')!r}: bad train entry "
-                         f"({', '.join(sorted(unknown)) or 'needs scale, data, output_dir'})")
-    t["data"] = "::".join(_under(root, d) for d in str(t["data"]).split("::") if d)
-    t["output_dir"] = Path(_under(root, str(t["output_dir"])))
-    if t.get("resume") not in (None, "latest"):
-        t["resume"] = _under(root, t["resume"])
-    t.update({k: v for k, v in overrides.items() if v is not None})
-    return TrainSpec(**t)
-
-
-def step_done(spec: TrainSpec) -> bool:
-    rec = spec.run_dir / RECORD_NAME
-    if not rec.is_file() or latest_checkpoint(spec.run_dir) is None:
-        return False
-    try:
-        r = json.loads(rec.read_text())
-    except ValueError:
-        return False
-    return r.get("epochs_done") == spec.num_checkpoints and r.get("train_num_samples") == (
-        spec.train_num_samples if spec.train_num_samples is not None else r.get("train_num_samples"))
-
-
-def run_plan(plan_path, root=None, *, workers: int = 4, precision: str | None = None,
-             num_checkpoints: int = 5, threads: int | None = None, only: list[str] | None = None,
-             echo=None, say=print) -> list[dict]:
-    """Run every step of a TiC plan (:mod:`curate.tic.plan`) in order; finished steps are skipped.
-
-    A warm step (``init == "warm"``) starts from the previous step's ``epoch_latest.pt`` with
-    weights only (TiC's ``--new_run``); a killed step resumes from its own last checkpoint.
-    """
-    from curate.tic.plan import read_plan
-
-    plan = read_plan(plan_path)
-    root = Path(root) if root is not None else Path.cwd()
-    out = []
-    for step in plan["steps"]:
-        name = str(step.get("name"))
-        if only and name not in only:
-            continue
-        spec = plan_step_spec(step, root, workers=workers, precision=precision, num_checkpoints=num_checkpoints,
-                              threads=threads)
-        if step_done(spec):
-            say(f"step {name}: done already ({spec.run_dir})")
-            out.append({"step": name, "status": "skipped", "run_dir": str(spec.run_dir)})
-            continue
-        if spec.new_run and latest_checkpoint(spec.run_dir) is None and not Path(spec.resume).is_file():
-            raise TrainError(f"plan step {name}: warm start needs {spec.resume} (train the previous step first)")
-        say(f"step {name}: {step.get('init')} start, {spec.train_num_samples or 'scale default'} samples "
-            f"from {len(step.get('data', []))} splits -> {spec.run_dir}")
-        res = train(spec, echo=echo)
-        out.append({"step": name, "status": "trained", "run_dir": str(res.run_dir),
-                    "checkpoint": str(res.checkpoint), "elapsed": res.elapsed})
-    return out

@@ -82,7 +82,7 @@ def test_pool_and_eval_layout(tmp_path):
     assert (cls / "classnames.txt").read_text().split() == [g for g, _ in GROUPS]
     assert (cls / "test" / "nshards.txt").read_text().strip() == "1"
     assert (tmp_path / "eval" / "wds_emoji-retrieval_test" / "dataset_type.txt").read_text().strip() == "retrieval"
-    from curate.evaluate.run import load_tasklist
+    from curate.evaluate.tasks import load_tasklist
 
     assert set(load_tasklist(tasks)) == {"emoji/groups", "emoji/retrieval"}
 

@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 
 from curate.errors import CurateError
-from curate.evaluate.run import (aggregate, camelyon17_metrics, dollar_street_metrics, evaluate_run, export_winogavil,
-                             f1_macro, fmow_metrics, geode_metrics, group_metrics, iwildcam_metrics, jaccard_top_n,
-                             load_tasklist, winogavil_metrics, winogavil_prompt)
+from curate.evaluate.metrics import (camelyon17_metrics, dollar_street_metrics, f1_macro, fmow_metrics, geode_metrics,
+                                     group_metrics, iwildcam_metrics, jaccard_top_n, winogavil_metrics)
+from curate.evaluate.run import aggregate, evaluate_run
+from curate.evaluate.tasks import load_tasklist
+from curate.evaluate.winogavil import export_winogavil, winogavil_prompt
 from tests.conftest import open_clip_from_run
 
 

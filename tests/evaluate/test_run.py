@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from curate.errors import CurateError
-from curate.evaluate.run import (aggregate, balanced_accuracy, classification_metrics, evaluate_run, load_tasklist,
-                             plot_matrix, retrieval_metrics, step_of_split, tic_matrix, transfer_scores,
-                             zero_shot_weights)
+from curate.evaluate.matrix import plot_matrix, step_of_split, tic_matrix, transfer_scores
+from curate.evaluate.metrics import balanced_accuracy, classification_metrics, retrieval_metrics, zero_shot_weights
+from curate.evaluate.run import aggregate, evaluate_run
+from curate.evaluate.tasks import load_tasklist
 from tests.conftest import open_clip_from_run
 
 # --------------------------------------------------------------------------- metrics by hand
@@ -264,7 +265,7 @@ def test_tic_tasks_from_export_layout(run_dir, tmp_path):
         (d / "nshards.txt").write_text("1\n")
         (d / "count.txt").write_text("3\n")
         (d / "dataset_type.txt").write_text("retrieval\n")
-    from curate.evaluate.run import load_tasklist
+    from curate.evaluate.tasks import load_tasklist
 
     tasks = {k: v for k, v in load_tasklist(REPO_TIC_TASKS).items() if "/retrieval/" in k and k[-4:] in ("2016", "2017")}
     tfile = tmp_path / "tic.yml"

@@ -16,6 +16,7 @@ from curate.cli.main import main
 from curate.errors import CurateError
 from curate.features.registry import needed_producers
 from curate.features.text import read_output_meta
+from curate.engine import Engine
 from tests.conftest import REPO, pool_table, uid_of
 
 
@@ -58,7 +59,7 @@ def outputs(cat):
 
 def test_values_view_and_provenance(make_catalog):
     cat = make_catalog(files_of(CAPTIONS))
-    res = build_text_lang_cld3(cat, workers=1, progress=False)
+    res = build_text_lang_cld3(cat, engine=Engine(workers=1), progress=False)
     assert len(res.computed) == 2 and res.rows_computed == len(CAPTIONS)
     con = connect(cat)
     got = con.execute('SELECT p.text, c.file, c."row", c.lang_cld3 FROM pool p '
@@ -81,15 +82,15 @@ def test_values_view_and_provenance(make_catalog):
 def test_resume_and_stale_pool_file(make_catalog):
     cat = make_catalog(files_of(CAPTIONS))
     assert not PRODUCER.is_current(cat, {})  # never built
-    build_text_lang_cld3(cat, workers=1, progress=False)
+    build_text_lang_cld3(cat, engine=Engine(workers=1), progress=False)
     stamps = [p.stat().st_mtime_ns for p in outputs(cat)]
-    res = build_text_lang_cld3(cat, workers=1, progress=False)
+    res = build_text_lang_cld3(cat, engine=Engine(workers=1), progress=False)
     assert res.computed == [] and len(res.skipped) == 2
     assert [p.stat().st_mtime_ns for p in outputs(cat)] == stamps
     pq.write_table(pool_table([{"uid": uid_of(10), "text": DE}]), cat.parent / "metadata" / "0001.parquet")
     assert not PRODUCER.is_current(cat, {})
     init_catalog(cat, pool=cat.parent, overwrite=True)
-    res = build_text_lang_cld3(cat, workers=1, progress=False)
+    res = build_text_lang_cld3(cat, engine=Engine(workers=1), progress=False)
     assert res.computed == ["0001"] and res.skipped == ["0000"]
     con = connect(cat)
     assert con.execute("SELECT list(lang_cld3 ORDER BY file, \"row\") FROM text_lang_cld3").fetchone()[0] \
@@ -99,20 +100,20 @@ def test_resume_and_stale_pool_file(make_catalog):
 
 def test_settings_change_recomputes(make_catalog):
     cat = make_catalog(files_of(CAPTIONS))
-    build_text_lang_cld3(cat, workers=1, progress=False)
+    build_text_lang_cld3(cat, engine=Engine(workers=1), progress=False)
     out = outputs(cat)[0]
     t = pq.read_table(out)
     meta = json.loads(t.schema.metadata[META_KEY])
     meta["settings"]["cld3"]["max_num_bytes"] = 512  # an output built with other CLD3 settings
     pq.write_table(t.replace_schema_metadata({META_KEY: json.dumps(meta).encode()}), out)
     assert not PRODUCER.is_current(cat, {})
-    assert build_text_lang_cld3(cat, workers=1, progress=False).computed == ["0000"]
+    assert build_text_lang_cld3(cat, engine=Engine(workers=1), progress=False).computed == ["0000"]
 
 
 def test_parallel_equals_serial(make_catalog):
     a, b = make_catalog(files_of(CAPTIONS)), make_catalog(files_of(CAPTIONS))
-    build_text_lang_cld3(a, workers=1, progress=False)
-    assert sorted(build_text_lang_cld3(b, workers=2, progress=False).computed) == ["0000", "0001"]
+    build_text_lang_cld3(a, engine=Engine(workers=1), progress=False)
+    assert sorted(build_text_lang_cld3(b, engine=Engine(workers=2), progress=False).computed) == ["0000", "0001"]
     for x, y in zip(outputs(a), outputs(b)):
         assert pq.read_table(x).equals(pq.read_table(y))
 
@@ -126,7 +127,7 @@ def test_null_caption_fails_without_partial_table(tmp_path):
     pq.write_table(t, meta / "0001.parquet")
     cat = init_catalog(tmp_path / "cat.duckdb", pool=tmp_path / "pool")
     with pytest.raises(CurateError, match=r"0001\.parquet: row 1: column text is NULL"):
-        build_text_lang_cld3(cat, workers=1, progress=False)
+        build_text_lang_cld3(cat, engine=Engine(workers=1), progress=False)
     fdir = tmp_path / "cat.duckdb.features" / "text_lang_cld3"
     assert not (fdir / "0001.parquet").exists() and not [p for p in fdir.iterdir() if p.name.endswith(".tmp")]
     con = duckdb.connect(str(cat), read_only=True)

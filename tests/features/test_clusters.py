@@ -11,6 +11,7 @@ import pytest
 
 import curate.features.clusters as C
 from curate.catalog.connection import connect, init_catalog
+from curate.engine import Engine
 from tests.features.test_embeddings import write_pool
 
 torch = pytest.importorskip("torch")
@@ -275,6 +276,6 @@ def test_assignment_engine_ray_writes_the_same_files(pool, tmp_path):
     local = {out.name: pq.read_table(out) for _, out in pairs}
     for _, out in pairs:
         out.unlink()
-    r = C.assign_pool(cat, "r5", progress=False, engine="ray")
+    r = C.assign_pool(cat, "r5", progress=False, engine=Engine(kind="ray"))
     assert r["assigned_files"] == 2 and r["rows"] == 11
     assert all(pq.read_table(out).equals(local[out.name]) for _, out in pairs)

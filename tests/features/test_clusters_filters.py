@@ -18,6 +18,7 @@ from curate.catalog.connection import connect, init_catalog
 from curate.features.clusters import import_cluster_set
 from curate.run.runner import run_filter
 from curate.features.text import build_text_features
+from curate.engine import Engine
 from tests.conftest import REPO, pool_table, read_uids, uid_of
 
 torch = pytest.importorskip("torch")
@@ -85,7 +86,7 @@ def hand_catalog(tmp_path_factory):
     torch.save(np.stack([_pad(c) for c in CENTROIDS]), root / "centroids.pt", pickle_protocol=4)
     torch.save({"image_features": torch.from_numpy(np.stack([_pad(t) for t in TARGETS]))}, root / "in1k_0.pt")
     import_cluster_set(cat, "hand", root / "centroids.pt", [root / "in1k_0.pt"])
-    build_text_features(cat, workers=1, progress=False)  # one process: worker start-up dominates here
+    build_text_features(cat, engine=Engine(workers=1), progress=False)  # one process: worker start-up dominates here
     return cat
 
 
@@ -205,7 +206,7 @@ def sample_catalog(tmp_path_factory):
     torch.save(cents, root / "centroids.pt", pickle_protocol=4)
     torch.save({"image_features": torch.from_numpy(targets)}, root / "in1k_0.pt")
     import_cluster_set(cat, "s48", root / "centroids.pt", [root / "in1k_0.pt"])
-    build_text_features(cat, workers=1, progress=False)
+    build_text_features(cat, engine=Engine(workers=1), progress=False)
     return cat, root / "metadata", cents, targets
 
 

@@ -18,6 +18,7 @@ from curate.cli.main import main
 from curate.errors import CurateError
 from curate.features.langid import bundled_lid_model
 from curate.features.text import PRODUCER, build_text_features, read_output_meta
+from curate.engine import Engine
 from tests.conftest import pool_table, uid_of
 
 
@@ -58,7 +59,7 @@ def outputs(cat):
 
 def test_values_and_view(make_catalog):
     cat = make_catalog(files_of(ROWS))
-    res = build_text_features(cat, workers=1, progress=False)
+    res = build_text_features(cat, engine=Engine(workers=1), progress=False)
     assert len(res.computed) == 2 and res.rows_computed == 6
     con = connect(cat)
     got = con.execute(
@@ -81,10 +82,10 @@ def test_values_and_view(make_catalog):
 
 def test_resume_skips_current_files_and_detects_stale_pool_file(make_catalog):
     cat = make_catalog(files_of(ROWS))
-    build_text_features(cat, workers=1, progress=False)
+    build_text_features(cat, engine=Engine(workers=1), progress=False)
     outs = outputs(cat)
     stamps = [p.stat().st_mtime_ns for p in outs]
-    res = build_text_features(cat, workers=1, progress=False)
+    res = build_text_features(cat, engine=Engine(workers=1), progress=False)
     assert res.computed == [] and len(res.skipped) == 2
     assert [p.stat().st_mtime_ns for p in outs] == stamps
     # rewrite pool file 0001 with another caption: only it is recomputed
@@ -92,7 +93,7 @@ def test_resume_skips_current_files_and_detects_stale_pool_file(make_catalog):
     pq.write_table(pool_table([{"uid": uid_of(10), "text": "a dog"}]), src)
     assert not PRODUCER.is_current(cat, {})
     init_catalog(cat, pool=cat.parent, overwrite=True)  # row count changed: the catalog is rebuilt
-    res = build_text_features(cat, workers=1, progress=False)
+    res = build_text_features(cat, engine=Engine(workers=1), progress=False)
     assert res.computed == ["0001"] and res.skipped == ["0000"]
     con = connect(cat)
     assert con.execute("SELECT count(*), sum(in21k_entity::INT) FROM text_features").fetchone() == (4, 4)
@@ -101,13 +102,13 @@ def test_resume_skips_current_files_and_detects_stale_pool_file(make_catalog):
 
 def test_model_change_recomputes_and_is_recorded(make_catalog, tmp_path):
     cat = make_catalog(files_of(ROWS))
-    build_text_features(cat, workers=1, progress=False)
+    build_text_features(cat, engine=Engine(workers=1), progress=False)
     other = tmp_path / "lid.other.ftz"
     other.write_bytes(bundled_lid_model().read_bytes() + b"\0")  # a different file (sha), same labels
     os.environ["CURATE_LID_MODEL"] = str(other)
     try:
         assert not PRODUCER.is_current(cat, {})
-        res = build_text_features(cat, workers=1, progress=False)
+        res = build_text_features(cat, engine=Engine(workers=1), progress=False)
         assert len(res.computed) == 2
         assert PRODUCER.describe(cat, {})["lid_model"]["name"] == "lid.other.ftz"
     finally:
@@ -122,21 +123,21 @@ def test_outputs_from_before_the_cld3_split_are_stale(make_catalog):
     from curate.features.text import META_KEY
 
     cat = make_catalog(files_of(ROWS))
-    build_text_features(cat, workers=1, progress=False)
+    build_text_features(cat, engine=Engine(workers=1), progress=False)
     out = outputs(cat)[0]
     t = pq.read_table(out)
     meta = json.loads(t.schema.metadata[META_KEY])
     meta["settings"]["schema"] = 1  # schema 1 held lang_cld3
     pq.write_table(t.replace_schema_metadata({META_KEY: json.dumps(meta).encode()}), out)
     assert not PRODUCER.is_current(cat, {})
-    assert build_text_features(cat, workers=1, progress=False).computed == ["0000"]
+    assert build_text_features(cat, engine=Engine(workers=1), progress=False).computed == ["0000"]
 
 
 def test_parallel_equals_serial(make_catalog):
     a = make_catalog(files_of(ROWS))
     b = make_catalog(files_of(ROWS))
-    build_text_features(a, workers=1, progress=False)
-    res = build_text_features(b, workers=2, progress=False)
+    build_text_features(a, engine=Engine(workers=1), progress=False)
+    res = build_text_features(b, engine=Engine(workers=2), progress=False)
     assert sorted(res.computed) == ["0000", "0001"]
     for pa_, pb in zip(outputs(a), outputs(b)):
         assert pq.read_table(pa_).equals(pq.read_table(pb))
@@ -156,7 +157,7 @@ def test_bad_captions_fail_without_partial_tables(tmp_path, bad, match):
     pq.write_table(t, meta / "0001.parquet")
     cat = init_catalog(tmp_path / "cat.duckdb", pool=tmp_path / "pool")
     with pytest.raises(CurateError, match=match):
-        build_text_features(cat, workers=1, progress=False)
+        build_text_features(cat, engine=Engine(workers=1), progress=False)
     fdir = tmp_path / "cat.duckdb.features" / "text_features"
     assert not (fdir / "0001.parquet").exists()
     assert not [p for p in fdir.iterdir() if p.name.endswith(".tmp")]

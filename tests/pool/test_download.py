@@ -33,7 +33,7 @@ from PIL import Image
 
 from curate.catalog.connection import connect
 from curate.cli.main import main
-from curate.pool.download import (DownloadError, DownloadReport, DownloadSettings, _done_shards, check_metadata, download,
+from curate.pool.download import (DownloadError, DownloadReport, DownloadSettings, done_shards, check_metadata, download,
                              fetch_metadata, no_success_error, status_report)
 
 from tests.conftest import uid_of
@@ -349,7 +349,7 @@ def test_unreachable_host_is_one_clear_error(tmp_path):
     line = r.output.strip().splitlines()[-1]
     assert line.startswith("error: http://127.0.0.1:9/0.jpg: cannot connect to 127.0.0.1:9")
     assert "nothing was downloaded" in line
-    assert _done_shards(tmp_path / "data" / "shards") == []
+    assert done_shards(tmp_path / "data" / "shards") == []
 
 
 def test_all_failed_report_is_an_error():

@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from curate.run.runner import FilterError, run_filter
+from curate.run.query import FilterError
+from curate.run.runner import run_filter
 from tests.conftest import REPO, read_uids, uid_of
 
 L14 = REPO / "filters" / "clip_score_l14_30pct.sql"

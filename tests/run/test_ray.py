@@ -15,8 +15,10 @@ import pytest
 from curate import storage
 from curate.run.assemble import (concat_bucket_directory, concatenate_buckets, iter_subset_chunks,
                                          plan_buckets, write_bucket_directory)
-from curate.run.plan import extract_fraction_thresholds, row_local_problem
+from curate.run.plan import row_local_problem
 from curate.run.ray_threshold import exact_threshold, float_keys, key_to_float, partition_histogram
+from curate.run.thresholds import extract_fraction_thresholds
+from curate.subset import NPY_HEADER_LEN
 from curate.uids import sort_pairs, to_records
 
 NAN, INF = float("nan"), float("inf")
@@ -159,7 +161,7 @@ def test_extract_fraction_thresholds(sql, rewritten, calls):
 
 def _runs(tmp_path, n_runs=3, n=2000, seed=0):
     """Sorted runs with their markers, as partitions write them (duplicates included)."""
-    from curate.run.partition import PREFIX_BITS, run_header_bytes
+    from curate.run.partition import PREFIX_BITS
 
     rng = np.random.default_rng(seed)
     markers, everything = [], []
@@ -172,7 +174,7 @@ def _runs(tmp_path, n_runs=3, n=2000, seed=0):
         np.save(path, to_records(hi, lo))
         everything.append(to_records(hi, lo))
         counts = np.bincount((hi >> np.uint64(64 - PREFIX_BITS)).astype(np.int64), minlength=1 << PREFIX_BITS)
-        markers.append({"run": str(path), "count": n, "header_bytes": run_header_bytes(n),
+        markers.append({"run": str(path), "count": n, "header_bytes": NPY_HEADER_LEN,
                         "prefix_counts": counts.tolist()})
     allrec = np.concatenate(everything)
     hi, lo = sort_pairs(allrec["f0"].copy(), allrec["f1"].copy())

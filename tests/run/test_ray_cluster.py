@@ -22,6 +22,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from curate.catalog.connection import init_catalog  # noqa: E402
+from curate.engine import Engine  # noqa: E402
 from curate.errors import CurateError  # noqa: E402
 from curate.run.runner import run_filter  # noqa: E402
 
@@ -57,7 +58,7 @@ def pool(tmp_path_factory):
         np.save(root / "centroids.npy", cents)
         np.save(root / "targets.npy", cents[[1, 3, 5, 7, 9]] * 2)
         C.import_cluster_set(cat, "xlarge", root / "centroids.npy", [root / "targets.npy"])
-        build_text_features(cat, workers=1, progress=False)
+        build_text_features(cat, engine=Engine(workers=1), progress=False)
     except ImportError as e:  # the text/embed extras are missing: filters needing them fail below
         print(f"feature producers unavailable: {e}")
     return cat
@@ -148,10 +149,12 @@ def test_killed_worker_is_retried_with_identical_result(ray_session, pool, tmp_p
 
 DRIVER = """
 import sys
+from curate.engine import Engine
 from curate.engine.ray import connect_ray
 from curate.run.ray import run_filter_ray
 connect_ray(address=sys.argv[1])
-run_filter_ray(sys.argv[2], catalog=sys.argv[3], out=sys.argv[4], work_dir=sys.argv[5], max_in_flight=1)
+run_filter_ray(sys.argv[2], catalog=sys.argv[3], out=sys.argv[4], work_dir=sys.argv[5],
+               engine=Engine("ray", max_in_flight=1))
 """
 
 
@@ -235,19 +238,20 @@ def test_text_features_on_ray_match_the_local_build(ray_session, tmp_path):
     pytest.importorskip("fasttext")
     import pyarrow.parquet as pq
 
-    from curate.features.ray import build_text_features_ray
     from curate.pool.sample import generate_pool
     from curate.features.text import build_text_features
+
+    ray_engine = Engine(kind="ray")
 
     generate_pool(tmp_path / "pool", files=2, rows_per_file=150, seed=9, npz=False, shards=False)
     local = init_catalog(tmp_path / "local.duckdb", pool=tmp_path / "pool", features_dir=tmp_path / "fl")
     remote = init_catalog(tmp_path / "ray.duckdb", pool=tmp_path / "pool", features_dir=tmp_path / "fr")
-    build_text_features(local, workers=1, progress=False)
-    res = build_text_features_ray(remote, progress=False)
+    build_text_features(local, engine=Engine(workers=1), progress=False)
+    res = build_text_features(remote, progress=False, engine=ray_engine)
     assert sorted(res.computed) == sorted(p.stem for p in (tmp_path / "pool" / "metadata").glob("*.parquet"))
     for f in sorted((tmp_path / "fl" / "text_features").glob("*.parquet")):
         assert pq.read_table(f).equals(pq.read_table(tmp_path / "fr" / "text_features" / f.name))
-    again = build_text_features_ray(remote, progress=False)
+    again = build_text_features(remote, progress=False, engine=ray_engine)
     assert again.computed == [] and len(again.skipped) == 2  # resume: nothing stale
     from click.testing import CliRunner
 
@@ -258,15 +262,14 @@ def test_text_features_on_ray_match_the_local_build(ray_session, tmp_path):
     assert r.output.startswith("text_features: computed 0 file(s) (0 captions), 2 up to date")
     # the CLD3 table (laion2b) the same way: Ray tasks equal the local build, then resume
     from curate.features.cld3 import build_text_lang_cld3
-    from curate.features.ray import build_text_lang_cld3_ray
 
-    build_text_lang_cld3(local, workers=1, progress=False)
+    build_text_lang_cld3(local, engine=Engine(workers=1), progress=False)
     r = CliRunner().invoke(main, ["features", "cld3", str(remote), "--engine", "ray"])
     assert r.exit_code == 0, r.output
     assert r.output.startswith("text_lang_cld3: computed 2 file(s) (300 captions")
     for f in sorted((tmp_path / "fl" / "text_lang_cld3").glob("*.parquet")):
         assert pq.read_table(f).equals(pq.read_table(tmp_path / "fr" / "text_lang_cld3" / f.name))
-    again = build_text_lang_cld3_ray(remote, progress=False)
+    again = build_text_lang_cld3(remote, progress=False, engine=ray_engine)
     assert again.computed == [] and len(again.skipped) == 2
 
 

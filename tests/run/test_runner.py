@@ -7,7 +7,8 @@ import pytest
 
 from curate.catalog.connection import init_catalog
 from curate.errors import CurateError
-from curate.run.runner import FilterError, parse_sets, parse_value, run_filter
+from curate.run.query import FilterError, parse_sets, parse_value
+from curate.run.runner import run_filter
 from curate.subset import BadSubset
 from tests.conftest import REPO, read_uids, uid_of
 

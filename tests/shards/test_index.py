@@ -11,7 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curate.shards.index import ShardError, build_index, index_catalog, scan_tar, verify_dir, walk_tar
+from curate.shards.index import build_index, index_catalog
+from curate.shards.tar import ShardError, scan_tar, walk_tar
+from curate.shards.verify import verify_dir
 from tests.conftest import uid_of
 
 

@@ -25,8 +25,11 @@ from click.testing import CliRunner
 
 from curate.cli.main import main
 from curate.errors import CurateError
-from curate.shards.reshard import Output, ReshardError, load_cls_map, reshard, reshard_many, tar_header
-from curate.shards.index import index_catalog, verify_dir
+from curate.engine import Engine
+from curate.shards.index import index_catalog
+from curate.shards.reshard import Output, ReshardError, load_cls_map, reshard, reshard_many
+from curate.shards.tar import tar_header
+from curate.shards.verify import verify_dir
 from curate.subset import BadSubset, write_subset
 from curate.uids import SUBSET_DTYPE, hex_to_pair, sort_pairs
 from tests.conftest import uid_of
@@ -66,7 +69,7 @@ def pool(tmp_path):
 def test_contract_duplicates_absent_and_no_json(tmp_path, pool):
     # U1 twice (upsampling), U2 has no json, U30 is not in the pool
     sub = subset(tmp_path / "s.npy", [U[1], U[1], U[2], U[5], U[6], U[30]])
-    res = reshard(pool, tmp_path / "out", sub, shard_size=2, workers=1)
+    res = reshard(pool, tmp_path / "out", sub, shard_size=2, engine=Engine(workers=1))
     out = tmp_path / "out"
     # order = (input shard, position in tar), copies adjacent; cut every 2 samples
     assert read_tar(out / "00000000.tar") == expected_members(U[1], 0) + expected_members(U[1], 1)
@@ -96,8 +99,8 @@ def test_tar_header_equals_python_tarfile():
 
 def test_same_bytes_whatever_the_workers(tmp_path, pool):
     sub = subset(tmp_path / "s.npy", [U[i] for i in range(7)] + [U[3]])
-    reshard(pool, tmp_path / "a", sub, shard_size=3, workers=1)
-    reshard(pool, tmp_path / "b", sub, shard_size=3, workers=2)
+    reshard(pool, tmp_path / "a", sub, shard_size=3, engine=Engine(workers=1))
+    reshard(pool, tmp_path / "b", sub, shard_size=3, engine=Engine(workers=2))
     a, b = dir_bytes(tmp_path / "a"), dir_bytes(tmp_path / "b")
     assert a == b and len([n for n in a if n.endswith(".tar")]) == 3
 
@@ -105,7 +108,7 @@ def test_same_bytes_whatever_the_workers(tmp_path, pool):
 def test_resume_keeps_completed_shards(tmp_path, pool):
     sub = subset(tmp_path / "s.npy", [U[i] for i in range(7)])
     out = tmp_path / "out"
-    reshard(pool, out, sub, shard_size=2, workers=1)
+    reshard(pool, out, sub, shard_size=2, engine=Engine(workers=1))
     full = dir_bytes(out)
     # as if killed while writing shard 2: its stats, meta.json and a temp file are missing/left
     (out / "00000002_stats.json").unlink()
@@ -113,7 +116,7 @@ def test_resume_keeps_completed_shards(tmp_path, pool):
     (out / ".00000002.tar.x.tmp").write_bytes(b"partial")
     before = {n: (out / n).stat().st_mtime_ns for n in ("00000000.tar", "00000001.tar")}
     time.sleep(0.01)
-    res = reshard(pool, out, sub, shard_size=2, workers=1)
+    res = reshard(pool, out, sub, shard_size=2, engine=Engine(workers=1))
     assert (res.shards_written, res.shards_resumed) == (1, 2)  # 6 samples (U2 has no json): shards 0-2
     assert {n: (out / n).stat().st_mtime_ns for n in before} == before
     assert dir_bytes(out) == full
@@ -151,7 +154,7 @@ def test_reads_only_shards_with_selected_samples(tmp_path, make_catalog):
     shards = make_shards(tmp_path / "pool1" / "shards", [[(u, FULL) for u in U[i:i + 10]] for i in (0, 10, 20)])
     index_catalog(cat)
     sub = subset(tmp_path / "s.npy", [U[12], U[15]])
-    res = reshard(shards, tmp_path / "out", sub, catalog=cat, workers=1)
+    res = reshard(shards, tmp_path / "out", sub, catalog=cat, engine=Engine(workers=1))
     assert (res.input_shards_read, res.input_shards_total) == (1, 3)
     total = sum((shards / f"{i:08d}.tar").stat().st_size for i in range(3))
     assert res.bytes_total == total and 0 < res.bytes_read < total / 3
@@ -159,7 +162,7 @@ def test_reads_only_shards_with_selected_samples(tmp_path, make_catalog):
     assert meta["index"] == {"tars": 3, "from_catalog": 3, "scanned": 0}
     # a tar rewritten after indexing is rescanned, not trusted
     write_tar(shards / "00000001.tar", [("000000010000", U[15], FULL)])
-    res = reshard(shards, tmp_path / "out2", sub, catalog=cat, workers=1)
+    res = reshard(shards, tmp_path / "out2", sub, catalog=cat, engine=Engine(workers=1))
     assert res.output_count == 1
     assert json.loads((tmp_path / "out2" / "meta.json").read_text())["index"]["scanned"] == 1
 
@@ -168,7 +171,7 @@ def test_truncated_input_and_missing_stats(tmp_path):
     pool = make_shards(tmp_path / "shards", [[(U[0], FULL)], [(U[1], FULL), (U[2], FULL)]],
                        missing_stats=(0,), truncate_last=3)
     sub = subset(tmp_path / "s.npy", [U[0], U[1], U[2]])
-    res = reshard(pool, tmp_path / "out", sub, workers=1)
+    res = reshard(pool, tmp_path / "out", sub, engine=Engine(workers=1))
     # shard 0 has no _stats.json but is read; U2's json is cut off, so U2 is left out
     assert read_tar(tmp_path / "out" / "00000000.tar") == expected_members(U[0], 0) + expected_members(U[1], 0)
     assert (res.truncated_inputs, res.inputs_without_stats) == (["00000001.tar"], ["00000000.tar"])
@@ -177,16 +180,16 @@ def test_truncated_input_and_missing_stats(tmp_path):
 
 def test_empty_subset(tmp_path, pool):
     sub = subset(tmp_path / "s.npy", [])
-    res = reshard(pool, tmp_path / "out", sub, workers=1)
+    res = reshard(pool, tmp_path / "out", sub, engine=Engine(workers=1))
     assert (res.output_count, res.output_shard_count, res.input_shards_read) == (0, 0, 0)
     assert json.loads((tmp_path / "out" / "sizes.json").read_text()) == {}
     assert verify_dir(tmp_path / "out").ok
 
 
 def test_reshard_a_reshard(tmp_path, pool):
-    first = reshard(pool, tmp_path / "a", subset(tmp_path / "a.npy", [U[1], U[1], U[4], U[6]]), workers=1)
+    first = reshard(pool, tmp_path / "a", subset(tmp_path / "a.npy", [U[1], U[1], U[4], U[6]]), engine=Engine(workers=1))
     assert first.output_count == 4
-    res = reshard(tmp_path / "a", tmp_path / "b", subset(tmp_path / "b.npy", [U[4], U[6], U[6]]), workers=1)
+    res = reshard(tmp_path / "a", tmp_path / "b", subset(tmp_path / "b.npy", [U[4], U[6], U[6]]), engine=Engine(workers=1))
     assert res.output_count == 3
     assert read_tar(tmp_path / "b" / "00000000.tar") == (
         expected_members(U[4], 0) + expected_members(U[6], 0) + expected_members(U[6], 1))
@@ -195,9 +198,9 @@ def test_reshard_a_reshard(tmp_path, pool):
 def test_many_outputs_equal_separate_runs(tmp_path, pool):
     s1 = subset(tmp_path / "y1.npy", [U[0], U[4]])
     s2 = subset(tmp_path / "y2.npy", [U[1], U[5], U[6]])
-    reshard_many(pool, [(tmp_path / "m1", s1, None), Output(tmp_path / "m2", s2)], workers=2)
-    reshard(pool, tmp_path / "r1", s1, workers=1)
-    reshard(pool, tmp_path / "r2", s2, workers=1)
+    reshard_many(pool, [(tmp_path / "m1", s1, None), Output(tmp_path / "m2", s2)], engine=Engine(workers=2))
+    reshard(pool, tmp_path / "r1", s1, engine=Engine(workers=1))
+    reshard(pool, tmp_path / "r2", s2, engine=Engine(workers=1))
     assert dir_bytes(tmp_path / "m1") == dir_bytes(tmp_path / "r1")
     assert dir_bytes(tmp_path / "m2") == dir_bytes(tmp_path / "r2")
 
@@ -216,7 +219,7 @@ def test_cls_member(tmp_path, pool, kind):
         pq.write_table(pa.table({"uid": list(m), "cls": list(m.values())}), src)
     else:
         src = m
-    reshard(pool, tmp_path / "out", subset(tmp_path / "s.npy", [U[1], U[5]]), cls=src, workers=1)
+    reshard(pool, tmp_path / "out", subset(tmp_path / "s.npy", [U[1], U[5]]), cls=src, engine=Engine(workers=1))
     got = read_tar(tmp_path / "out" / "00000000.tar")
     assert got == (expected_members(U[1], 0) + [(f"{U[1]}-0.cls", b"7")]
                    + expected_members(U[5], 0) + [(f"{U[5]}-0.cls", b"981")])
@@ -224,7 +227,7 @@ def test_cls_member(tmp_path, pool, kind):
 
 def test_cls_missing_uid_writes_nothing(tmp_path, pool):
     with pytest.raises(ReshardError, match=f"1 selected uids have no class in the cls file .first: {U[5]}"):
-        reshard(pool, tmp_path / "out", subset(tmp_path / "s.npy", [U[1], U[5]]), cls={U[1]: 3}, workers=1)
+        reshard(pool, tmp_path / "out", subset(tmp_path / "s.npy", [U[1], U[5]]), cls={U[1]: 3}, engine=Engine(workers=1))
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
@@ -245,11 +248,11 @@ def test_bad_subsets(tmp_path, pool):
     arr = np.sort(arr)[::-1].copy()
     np.save(unsorted, arr)
     with pytest.raises(BadSubset, match="not sorted ascending at record 1"):
-        reshard(pool, tmp_path / "out", unsorted, workers=1)
+        reshard(pool, tmp_path / "out", unsorted, engine=Engine(workers=1))
     wrong = tmp_path / "w.npy"
     np.save(wrong, np.arange(4, dtype=np.int64))
     with pytest.raises(BadSubset, match="is not the subset dtype"):
-        reshard(pool, tmp_path / "out", wrong, workers=1)
+        reshard(pool, tmp_path / "out", wrong, engine=Engine(workers=1))
     assert not (tmp_path / "out").exists()
 
 
@@ -259,13 +262,13 @@ def test_non_empty_output_needs_overwrite(tmp_path, pool):
     (out / "precious.txt").write_text("x")
     sub = subset(tmp_path / "s.npy", [U[1]])
     with pytest.raises(ReshardError, match="not empty .1 entries, e.g. precious.txt.; use --overwrite"):
-        reshard(pool, out, sub, workers=1)
-    reshard(pool, out, sub, workers=1, overwrite=True)
+        reshard(pool, out, sub, engine=Engine(workers=1))
+    reshard(pool, out, sub, engine=Engine(workers=1), overwrite=True)
     assert not (out / "precious.txt").exists()
     # the same job again resumes (nothing to do); another job needs --overwrite
-    assert reshard(pool, out, sub, workers=1).shards_resumed == 1
+    assert reshard(pool, out, sub, engine=Engine(workers=1)).shards_resumed == 1
     with pytest.raises(ReshardError, match="output of a different reshard job"):
-        reshard(pool, out, subset(tmp_path / "t.npy", [U[4]]), workers=1)
+        reshard(pool, out, subset(tmp_path / "t.npy", [U[4]]), engine=Engine(workers=1))
 
 
 def _png(color, size=64) -> bytes:
@@ -294,7 +297,7 @@ def test_blur_faces_from_json_and_inject_metadata(tmp_path):
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(data)
                 tf.addfile(info, io.BytesIO(data))
-    res = reshard(root, tmp_path / "out", subset(tmp_path / "s.npy", [U[0], U[1]]), workers=1,
+    res = reshard(root, tmp_path / "out", subset(tmp_path / "s.npy", [U[0], U[1]]), engine=Engine(workers=1),
                   apply_blur=True, inject_blur_metadata=True)
     assert res.blurred == 1
     got = dict(read_tar(tmp_path / "out" / "00000000.tar"))
@@ -319,7 +322,7 @@ def test_blur_corrupt_image_is_an_error(tmp_path):
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
     with pytest.raises(ReshardError, match="00000000.tar at byte 0: cannot decode the image to blur it"):
-        reshard(root, tmp_path / "out", subset(tmp_path / "s.npy", [U[0]]), workers=1, apply_blur=True)
+        reshard(root, tmp_path / "out", subset(tmp_path / "s.npy", [U[0]]), engine=Engine(workers=1), apply_blur=True)
     rep = verify_dir(tmp_path / "out")
     assert any("unfinished reshard" in p for p in rep.problems)
 
@@ -342,7 +345,7 @@ def test_cli_reshard_verify_and_errors(tmp_path, pool, make_catalog):
 
 def test_verify_recounts_against_the_input(tmp_path, pool):
     sub = subset(tmp_path / "s.npy", [U[1], U[1], U[4], U[30]])
-    reshard(pool, tmp_path / "out", sub, workers=1)
+    reshard(pool, tmp_path / "out", sub, engine=Engine(workers=1))
     assert verify_dir(tmp_path / "out", inputs=[pool]).ok
     # drop a sample from the output (and fix every count so only the input recount can notice)
     out = tmp_path / "out"
@@ -392,7 +395,7 @@ def test_input_with_pax_headers(tmp_path):
     root = tmp_path / "shards"
     root.mkdir()
     write_tar(root / "00000000.tar", [(f"{U[3]}-0", U[3], FULL), (f"{U[4]}-0", U[4], FULL)], pax=True)
-    res = reshard(root, tmp_path / "out", subset(tmp_path / "s.npy", [U[4], U[4]]), workers=1)
+    res = reshard(root, tmp_path / "out", subset(tmp_path / "s.npy", [U[4], U[4]]), engine=Engine(workers=1))
     assert res.output_count == 2
     assert read_tar(tmp_path / "out" / "00000000.tar") == expected_members(U[4], 0) + expected_members(U[4], 1)
 
@@ -400,7 +403,7 @@ def test_input_with_pax_headers(tmp_path):
 def test_uid_twice_in_the_input_is_copied_once(tmp_path):
     # DataComp would write both input samples under the same keys; we take the first (by shard, offset)
     root = make_shards(tmp_path / "shards", [[(U[0], FULL), (U[1], FULL)], [(U[1], FULL)]])
-    res = reshard(root, tmp_path / "out", subset(tmp_path / "s.npy", [U[1], U[1]]), workers=1)
+    res = reshard(root, tmp_path / "out", subset(tmp_path / "s.npy", [U[1], U[1]]), engine=Engine(workers=1))
     assert (res.output_count, res.input_duplicates, res.input_shards_read) == (2, 1, 1)
     assert read_tar(tmp_path / "out" / "00000000.tar") == expected_members(U[1], 0) + expected_members(U[1], 1)
     assert any("present in several input samples" in line for line in res.summary())
@@ -409,22 +412,22 @@ def test_uid_twice_in_the_input_is_copied_once(tmp_path):
 def test_input_dir_without_tars_is_an_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CurateError, match="empty: no .tar shards in this directory"):
-        reshard(tmp_path / "empty", tmp_path / "out", subset(tmp_path / "s.npy", [U[0]]), workers=1)
+        reshard(tmp_path / "empty", tmp_path / "out", subset(tmp_path / "s.npy", [U[0]]), engine=Engine(workers=1))
     with pytest.raises(CurateError, match="nope: shard directory not found"):
-        reshard(tmp_path / "nope", tmp_path / "out", subset(tmp_path / "s.npy", [U[0]]), workers=1)
+        reshard(tmp_path / "nope", tmp_path / "out", subset(tmp_path / "s.npy", [U[0]]), engine=Engine(workers=1))
 
 
 def test_changed_input_is_not_resumed(tmp_path, pool):
     sub = subset(tmp_path / "s.npy", [U[1], U[4]])
-    reshard(pool, tmp_path / "out", sub, workers=1)
+    reshard(pool, tmp_path / "out", sub, engine=Engine(workers=1))
     (tmp_path / "out" / "meta.json").unlink()  # as if killed at the end
     write_tar(pool / "00000001.tar", [("000000010000", U[4], FULL)])  # an input tar changed since
     with pytest.raises(ReshardError, match="output of a different reshard job"):
-        reshard(pool, tmp_path / "out", sub, workers=1)
+        reshard(pool, tmp_path / "out", sub, engine=Engine(workers=1))
 
 
 def test_ray_engine_writes_the_same_bytes(tmp_path, pool):
     sub = subset(tmp_path / "s.npy", [U[i] for i in range(7)] + [U[3]])
-    reshard(pool, tmp_path / "local", sub, shard_size=3, workers=1)
-    reshard(pool, tmp_path / "ray", sub, shard_size=3, engine="ray")
+    reshard(pool, tmp_path / "local", sub, shard_size=3, engine=Engine(workers=1))
+    reshard(pool, tmp_path / "ray", sub, shard_size=3, engine=Engine(kind="ray"))
     assert dir_bytes(tmp_path / "ray") == dir_bytes(tmp_path / "local")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from curate.catalog.connection import EXAMPLE_CATALOG, connect
+from curate.engine import Engine
 from curate.shards.reshard import reshard
 from curate.subset import write_subset
 from curate.uids import hex_array_to_pairs, sort_pairs
@@ -27,7 +28,7 @@ def resharded(tmp_path_factory):
     hi, lo = hex_array_to_pairs(t.column("uid"))
     hi, lo = sort_pairs(np.concatenate([hi, hi[:5]]), np.concatenate([lo, lo[:5]]))
     sub = write_subset(tmp / "s.npy", hi, lo)
-    res = reshard(POOL_SHARDS, tmp / "out", sub, shard_size=100, workers=2)
+    res = reshard(POOL_SHARDS, tmp / "out", sub, shard_size=100, engine=Engine(workers=2))
     return tmp / "out", res
 
 

@@ -13,11 +13,11 @@ import pytest
 
 from curate.errors import CurateError
 from curate.run.runner import run_filter
-from curate.subset import write_subset
+from curate.subset import npy_header, write_subset
 from curate.tic import MONTHLY_DIR, YEARLY_DIR
 from curate.tic.artifacts import make_tic_artifacts
 from curate.tic.attach import attach
-from curate.tic.export import SubsetStream, export_splits, npy_header
+from curate.tic.export import SubsetStream, export_splits
 from tests.conftest import REPO, uid_of
 from tests.tic.test_attach import pairs, pool_uids
 
@@ -188,6 +188,7 @@ def test_eval_sets_in_clip_benchmark_layout(tmp_path):
     import tarfile
 
     from curate.catalog.connection import init_catalog
+    from curate.engine import Engine
     from curate.tic.evalsets import reshard_eval_sets
 
     cat = init_catalog(tmp_path / "c.duckdb", pool=REPO / "data" / "sample_pool")
@@ -195,11 +196,11 @@ def test_eval_sets_in_clip_benchmark_layout(tmp_path):
     attach(cat, tmp_path / "art")
     out = tmp_path / "tic"
     export_splits(cat, out)
-    res = reshard_eval_sets(out, REPO / "data" / "sample_pool" / "shards", workers=1)
+    res = reshard_eval_sets(out, REPO / "data" / "sample_pool" / "shards", engine=Engine(workers=1))
     ev = out / "eval"
     # a staging dir left by another export (other eval uids, another curate version) is replaced
     (ev / ".reshard" / "retrieval" / "2016" / ".curate_reshard.json").write_text('{"other": "job"}')
-    again = reshard_eval_sets(out, REPO / "data" / "sample_pool" / "shards", workers=1)
+    again = reshard_eval_sets(out, REPO / "data" / "sample_pool" / "shards", engine=Engine(workers=1))
     assert again.dirs == res.dirs
     cls_all = {}
     for f in (ev / "uid2classid").glob("*.json"):
@@ -239,7 +240,7 @@ def test_eval_sets_in_clip_benchmark_layout(tmp_path):
             else:
                 assert all("cls" not in m for m in keys.values())
     # the task list curate eval reads: one task per eval dir, data found under the export dir
-    from curate.evaluate.run import load_tasklist, task_dir
+    from curate.evaluate.tasks import load_tasklist, task_dir
 
     tasks = load_tasklist(ev / "tasklist.yml")
     assert set(tasks) == {f"tic/datacomp/{t}/yearly/{p.stem}" for t in ("retrieval", "datacompnet")
@@ -265,6 +266,10 @@ def test_year_intersect_real_basic_filter(make_catalog, tmp_path, chdir_tmp):
     assert len(basic) == sum(1 for i in range(80) if i % 3 and i % 5)
     res = export_splits(cat, tmp_path / "e", REPO / "filters" / "basic_filter.sql")
     full = export_splits(cat, tmp_path / "full")
+    by_name = export_splits(cat, tmp_path / "n", "basic_filter")  # a bundled filter by name
+    assert by_name.yearly == res.yearly
+    assert all((tmp_path / "n" / "yearly" / f"{y}.npy").read_bytes() == (tmp_path / "e" / "yearly" / f"{y}.npy").read_bytes()
+               for y in res.yearly)
     for y in full.yearly:
         want = np.intersect1d(np.load(tmp_path / "full" / "yearly" / f"{y}.npy"), basic)
         got = np.load(tmp_path / "e" / "yearly" / f"{y}.npy") if y in res.yearly else want[:0]

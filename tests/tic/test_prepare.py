@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from curate.catalog.connection import init_catalog
 from curate.cli.main import main
+from curate.engine import Engine
 from curate.errors import CurateError
 from curate.tic.artifacts import make_tic_artifacts
 from curate.tic.attach import attach
@@ -18,6 +19,7 @@ from curate.tic.prepare import prepare_plan
 from tests.conftest import REPO
 
 SHARDS = REPO / "data" / "sample_pool" / "shards"
+ONE_WORKER = Engine(workers=1)
 
 
 def downloaded_uids():
@@ -44,7 +46,7 @@ def prepared(tmp_path_factory):
     res = export_splits(cat, root / "tic")
     plan = make_plan("cumulative-exp", [2016, 2017, 2018], 100, res.yearly, export_dir="tic")
     write_plan(plan, root / "plan.json")
-    r = prepare_plan(root / "plan.json", cat, SHARDS, root=root, workers=1)
+    r = prepare_plan(root / "plan.json", cat, SHARDS, root=root, engine=ONE_WORKER)
     return root, cat, plan, r
 
 
@@ -77,7 +79,7 @@ def test_replay_subsets_follow_the_plan(prepared):
 
 def test_rerun_keeps_subsets(prepared):
     root, cat, _, _ = prepared
-    r = prepare_plan(root / "plan.json", cat, SHARDS, root=root, workers=1, only=["2018"])
+    r = prepare_plan(root / "plan.json", cat, SHARDS, root=root, engine=ONE_WORKER, only=["2018"])
     assert r.subsets_made == [] and len(r.subsets_kept) == 2
 
 
@@ -86,13 +88,13 @@ def test_changed_plan_remakes_subsets_and_guards_data_dirs(prepared, tmp_path):
     other = make_plan("cumulative-exp", [2016, 2017, 2018], 100, plan["sizes"], export_dir="tic", buffer=50)
     write_plan(other, root / "plan_b.json")
     with pytest.raises(CurateError, match="holds the output of a different reshard job"):
-        prepare_plan(root / "plan_b.json", cat, SHARDS, root=root, workers=1, only=["2017"])
+        prepare_plan(root / "plan_b.json", cat, SHARDS, root=root, engine=ONE_WORKER, only=["2017"])
     assert len(hexes(root / "tic" / "replay/cumulative-exp/2017/2016.npy")) < 100  # remade: 50 of 581
-    r = prepare_plan(root / "plan_b.json", cat, SHARDS, root=root, workers=1, only=["2017"], overwrite=True)
+    r = prepare_plan(root / "plan_b.json", cat, SHARDS, root=root, engine=ONE_WORKER, only=["2017"], overwrite=True)
     d = str(root / "tic/replay/cumulative-exp/2017/2016")
     assert r.dirs[d] == len(hexes(root / "tic" / "replay/cumulative-exp/2017/2016.npy") & downloaded_uids())
     # restore the module fixture's state for the other tests
-    prepare_plan(root / "plan.json", cat, SHARDS, root=root, workers=1, only=["2017"], overwrite=True)
+    prepare_plan(root / "plan.json", cat, SHARDS, root=root, engine=ONE_WORKER, only=["2017"], overwrite=True)
 
 
 def test_cli_and_errors(prepared, tmp_path):

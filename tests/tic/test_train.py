@@ -13,8 +13,9 @@ import pytest
 
 from curate.errors import CurateError
 from curate.tic.plan import make_plan, write_plan
-from curate.train.trainer import TrainSpec, plan_step_spec, read_record, run_plan
-from tests.train.test_trainer import _reshard_sample_pool
+from curate.tic.train import plan_step_spec, run_plan
+from curate.train.trainer import TrainSpec, read_record
+from tests.train.test_trainer import reshard_sample_pool
 
 
 def test_plan_step_paths_resolve_against_root(tmp_path):
@@ -29,7 +30,7 @@ def test_plan_step_paths_resolve_against_root(tmp_path):
 
 
 def test_run_plan_scratch_then_warm_start_then_skip(tmp_path):
-    a, b = _reshard_sample_pool(tmp_path)
+    a, b = reshard_sample_pool(tmp_path)
     train_root = tmp_path / "tic" / "train"
     train_root.mkdir(parents=True)
     for year, src in ((2014, a), (2015, a), (2016, a), (2017, b)):

@@ -3,7 +3,7 @@
 The trainer tests run open_clip's own trainer (tiny model, a handful of steps) on real
 resharder outputs of the bundled sample pool: a mixture of two directories, one with
 ``sizes.json`` and one without, with weights; a kill after the first checkpoint and a resume;
-(the TiC warm start runs in test_train_tic.py).
+(the TiC warm start runs in tests/tic/test_train.py).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from curate.errors import CurateError
-from curate.train.trainer import (DataSource, TrainSpec, _brace_runs, build_command, discover_shards, launcher, load_scales,
+from curate.train.trainer import (DataSource, TrainSpec, brace_runs, build_command, discover_shards, launcher, load_scales,
                           parse_data, read_record, resolve_model, train, train_data_args)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -78,7 +78,7 @@ def _touch_shards(d: Path, numbers, successes=None, stats=True):
     ([(3, 1), (1, 1), (2, 1)], ["p/{1..3}.tar"]),
 ])
 def test_brace_runs(nums, expected):
-    assert _brace_runs("p/", nums, ".tar") == expected
+    assert brace_runs("p/", nums, ".tar") == expected
 
 
 def test_discover_with_and_without_sizes_json(tmp_path):
@@ -185,8 +185,9 @@ def test_command_refuses_blur_field_and_bad_precision(tmp_path):
 # --------------------------------------------------------------------------- real trainer runs
 
 
-def _reshard_sample_pool(tmp_path: Path) -> tuple[Path, Path]:
+def reshard_sample_pool(tmp_path: Path) -> tuple[Path, Path]:
     """Two resharder outputs over the bundled pool: the first 1000 rows and the rest."""
+    from curate.engine import Engine
     from curate.shards.reshard import reshard
     from curate.subset import write_subset
     from curate.uids import hex_array_to_pairs, sort_pairs
@@ -197,12 +198,12 @@ def _reshard_sample_pool(tmp_path: Path) -> tuple[Path, Path]:
         hi, lo = hex_array_to_pairs(pq.read_table(f, columns=["uid"]).column("uid"))
         sub = write_subset(tmp_path / f"s{k}.npy", *sort_pairs(hi, lo))
         outs.append(tmp_path / f"r{k}")
-        reshard([POOL / "shards"], outs[-1], sub, shard_size=300, workers=1)
+        reshard([POOL / "shards"], outs[-1], sub, shard_size=300, engine=Engine(workers=1))
     return outs[0], outs[1]
 
 
 def test_trainer_mixture_kill_and_resume(tmp_path):
-    with_sizes, without = _reshard_sample_pool(tmp_path)
+    with_sizes, without = reshard_sample_pool(tmp_path)
     assert (with_sizes / "sizes.json").is_file()
     (without / "sizes.json").unlink()  # consumed from the _stats.json files instead
     data = f"{with_sizes}::{without}"
@@ -255,7 +256,7 @@ def test_trainer_under_torchrun_two_processes(tmp_path):
     # The multi-GPU path (torch.distributed.run, per-process batch = global / world size) with two
     # CPU processes: open_clip picks the gloo backend without a GPU. NCCL on real GPUs is not
     # exercised here (the machine has none).
-    first, second = _reshard_sample_pool(tmp_path)
+    first, second = reshard_sample_pool(tmp_path)
     out = tmp_path / "runs"
     res = train(TrainSpec(scale="tiny", data=f"{first}::{second}", output_dir=out, exp_name="ddp", workers=1,
                           nproc=2, train_num_samples=512, log_every_n_steps=1, threads=1))

@@ -26,15 +26,20 @@ Settings (groups, seed, fraction) live in the tables ``time_periods`` and ``hold
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
 
 import duckdb
+import numpy as np
+from tqdm import tqdm
 
-from curate.catalog.connection import CatalogError, catalog_meta, default_catalog, sql_identifier, sql_literal
+from curate.atomic import write_json
+from curate.catalog.connection import CatalogError, connect, default_catalog, sql_identifier
 from curate.errors import CurateError
 from curate.pool.build import TIME_COLUMN
+from curate.subset import write_subset
 
 #: TiC-YFCC15M's four year groups (``tic-yfcc15m/create_splits.py``), by upload year.
 YFCC15M_GROUPS = [("2004-2008", 2004, 2008), ("2009-2010", 2009, 2010),
@@ -71,19 +76,7 @@ def parse_groups(spec: str) -> list[tuple[str, int, int]]:
 
 def holdout_size(n: int, test_fraction: float = TEST_FRACTION) -> int:
     """scikit-learn's ``train_test_split`` test size for a float ``test_size``: ``ceil(f * n)``."""
-    import math
-
     return math.ceil(test_fraction * n)
-
-
-def _open_rw(catalog: Path) -> duckdb.DuckDBPyConnection:
-    if not catalog.is_file():
-        raise CatalogError(f"{catalog}: catalog not found (create one with `curate catalog init`)")
-    con = duckdb.connect(str(catalog))
-    if catalog_meta(con).get("paths") == "relative":
-        # the pool view holds relative paths: bind them against the catalog, not the CWD
-        con.execute(f"SET file_search_path = {sql_literal(str(catalog.resolve().parent))}")
-    return con
 
 
 def create_time_views(
@@ -106,7 +99,7 @@ def create_time_views(
     if not 0 < test_fraction < 1:
         raise PeriodError(f"test fraction {test_fraction!r} is not between 0 and 1")
     catalog = Path(catalog) if catalog else default_catalog()
-    con = _open_rw(catalog)
+    con = connect(catalog, read_only=False)
     try:
         types = {name: typ for name, typ, *_ in con.execute("DESCRIBE pool").fetchall()}
         if time_col not in types:
@@ -190,13 +183,6 @@ def export_period_splits(catalog: str | os.PathLike | None, out: str | os.PathLi
     One sorted query over ``period_split``, streamed: each (period, split) group is
     contiguous, so at most one group's uids are held at a time.
     """
-    import numpy as np
-    from tqdm import tqdm
-
-    from curate.atomic import write_json
-    from curate.catalog.connection import connect
-    from curate.subset import write_subset
-
     out = Path(out)
     con = connect(catalog, read_only=True)
     sizes: dict[str, dict[str, int]] = {}

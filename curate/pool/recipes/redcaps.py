@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from curate.atomic import atomic_path, write_json
 from curate.errors import CurateError
@@ -90,8 +91,6 @@ def prepare_table(annotations: str | os.PathLike, dest: str | os.PathLike, years
                   progress: bool = True) -> dict:
     """Write the table ``curate pool from-table`` reads, one annotation file at a time.
     Counts per year go to ``dest`` + ``.json``; skipped when made from the same files."""
-    from tqdm import tqdm
-
     dest = Path(dest)
     files = annotation_files(Path(annotations), years)
     source_id = "\n".join(f"{p.resolve()}|{p.stat().st_size}|{p.stat().st_mtime_ns}" for _, p in files)

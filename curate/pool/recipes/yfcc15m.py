@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from curate.atomic import atomic_path, write_json
 from curate.errors import CurateError
@@ -41,7 +42,7 @@ _HTML_TAG = re.compile("<.*?>")
 def clean_text(x: str) -> str:
     """TiC's ``clean_text``: URL-unquote (``+`` is a space), fix mojibake, drop HTML tags."""
     try:
-        import ftfy
+        import ftfy  # lazy: optional extra [recipes]
     except ImportError:
         raise CurateError("the YFCC15M recipe cleans captions with ftfy, as TiC does: "
                           "pip install 'curate[recipes]'") from None
@@ -65,8 +66,6 @@ def prepare_table(csv_path: str | os.PathLike, dest: str | os.PathLike, progress
     """Write the table ``curate pool from-table`` reads: ``path``, ``caption`` and the CSV's
     columns, for rows uploaded in 2004-2014 (streamed). Counts go to ``dest`` + ``.json``.
     Skipped when ``dest`` was already made from this CSV."""
-    from tqdm import tqdm
-
     csv_path, dest = Path(csv_path).resolve(), Path(dest)
     schema = table_schema(csv_path)
     st = csv_path.stat()

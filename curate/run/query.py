@@ -1,0 +1,386 @@
+"""A filter file made ready to run: the one path the local runner, the Ray runner, lint and
+TiC export all take.
+
+A filter file is DuckDB SQL: optional ``SET VARIABLE name = default;`` statements (its
+parameters, overridable with ``--set name=value``, which reach DuckDB as bound values), then one
+query returning a single ``uid`` column. Rows may repeat (a uid returned k times = k copies).
+``read_subset('path.npy')`` in a filter reads another subset file as a table with a ``uid``
+column, so subsets compose with INTERSECT / UNION ALL / EXCEPT / joins.
+
+The steps, in order (:func:`open_filter` runs the first three):
+
+1. :func:`load_filter`: read the file (a path, or a bundled filter by name:
+   :func:`curate.resources.filter_file`) and split it into its setup statements and its query;
+2. :func:`build_features`: build the feature views the filter reads that are missing or stale,
+   and describe them for the manifest. Producers write to the catalog, so this comes first,
+   before the catalog is opened for reading;
+3. :func:`curate.catalog.connection.connect` and :func:`prepare`, once: the setup statements,
+   the ``--set`` overrides and ``read_subset()`` replaced by registered tables;
+4. :func:`precompute_thresholds` (the local engines; Ray computes them across partitions) and
+   :func:`check_uid_column`: the query binds and returns exactly one VARCHAR column ``uid``.
+
+:func:`bundled_filters` lists the filters shipped with curate with their declared parameters.
+"""
+
+from __future__ import annotations
+
+import decimal
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import duckdb
+
+from curate import resources
+from curate.catalog.connection import connect, default_catalog
+from curate.errors import CurateError
+from curate.features.registry import ensure_features, needed_producers, producer
+from curate.run.thresholds import extract_fraction_thresholds
+from curate.sqltokens import tokenize
+from curate.subset import subset_to_arrow
+from curate.uids import BadUid
+
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_SET_VARIABLE = re.compile(r"^\s*SET\s+VARIABLE\s+([A-Za-z_][A-Za-z0-9_]*)", re.IGNORECASE)
+
+
+class FilterError(CurateError):
+    """A filter file that cannot run: syntax, binding, wrong result columns, bad parameter."""
+
+
+# -- parameters ---------------------------------------------------------------------------------
+
+def parse_value(text: str):
+    """Type a ``--set`` value: int, then float, then true/false, else the string itself."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return text
+
+
+def parse_sets(pairs) -> dict:
+    """``--set KEY=VALUE`` options as a dict of typed values (:func:`parse_value`)."""
+    out = {}
+    for item in pairs or ():
+        if "=" not in item:
+            raise FilterError(f"--set {item!r}: expected KEY=VALUE")
+        key, val = item.split("=", 1)
+        key = key.strip()
+        if not _IDENT.match(key):
+            raise FilterError(f"--set {item!r}: {key!r} is not a parameter name")
+        out[key] = parse_value(val)
+    return out
+
+
+def json_value(v):
+    """A parameter or threshold value as JSON can hold it (DECIMAL -> float, others -> str)."""
+    if isinstance(v, decimal.Decimal):
+        return float(v)
+    if isinstance(v, (int, float, str, bool)) or v is None:
+        return v
+    return str(v)
+
+
+# -- the file -----------------------------------------------------------------------------------
+
+@dataclass
+class FilterFile:
+    path: Path
+    text: str
+    setup: list[str]  # statements before the query (SET VARIABLE ...)
+    query: str
+    params: list[str] = field(default_factory=list)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+
+def load_filter(path: str | Path) -> FilterFile:
+    """Read and split a filter file: ``path`` as given if it exists, else a bundled filter by name
+    (``clip_score_l14_30pct``, ``tic/year``). Needs no catalog."""
+    path = resources.filter_file(path)
+    if not path.is_file():
+        raise FilterError(f"{path}: filter file not found")
+    text = path.read_text()
+    try:
+        statements = duckdb.extract_statements(text)
+    except duckdb.Error as e:
+        raise FilterError(f"{path}: {one_line(e)}") from None
+    if not statements:
+        raise FilterError(f"{path}: no SQL statement in the file")
+    *setup, last = statements
+    if last.type != duckdb.StatementType.SELECT:
+        raise FilterError(f"{path}: the last statement must be a query returning a `uid` column")
+    setup_sql = [s.query for s in setup]
+    params = [m.group(1) for q in setup_sql if (m := _SET_VARIABLE.match(_strip_comments(q)))]
+    return FilterFile(path, text, setup_sql, last.query, params)
+
+
+def _strip_comments(sql: str) -> str:
+    return re.sub(r"--[^\n]*", "", sql)
+
+
+def one_line(e: Exception) -> str:
+    """A DuckDB error as one line (its first two non-empty lines): how filter errors are shown."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return " ".join(lines[:2]) if lines else type(e).__name__
+
+
+def substitute_subsets(sql: str, con, variables: dict, registered: dict) -> str:
+    """Replace ``read_subset('file')`` / ``read_subset(getvariable('p'))`` with registered tables."""
+    if "read_subset" not in sql.lower():
+        return sql
+    tokens = tokenize(sql)
+
+    def literal(k: int) -> bool:
+        return k < len(tokens) and tokens[k].kind == "string_const" and tokens[k].value is not None
+
+    def op(k: int, text: str) -> bool:
+        return k < len(tokens) and tokens[k].is_op(text)
+
+    out, pos, i = [], 0, 0
+    while i < len(tokens):
+        t = tokens[i]
+        if t.is_name("read_subset") and op(i + 1, "("):
+            arg, end = None, None
+            if literal(i + 2) and op(i + 3, ")"):
+                arg, end = tokens[i + 2].value, i + 3
+            elif i + 2 < len(tokens) and tokens[i + 2].is_name("getvariable") and op(i + 3, "(") \
+                    and literal(i + 4) and op(i + 5, ")") and op(i + 6, ")"):
+                name = tokens[i + 4].value
+                if name not in variables:
+                    raise FilterError(f"read_subset(getvariable('{name}')): no parameter '{name}' is set")
+                arg, end = str(variables[name]), i + 6
+            if arg is None:
+                raise FilterError("read_subset() takes one file path: read_subset('subsets/x.npy')")
+            key = str(Path(arg).resolve())
+            if key not in registered:
+                name = f"__subset_{len(registered)}"
+                con.register(name, subset_to_arrow(arg))
+                registered[key] = name
+            out.append(sql[pos : t.start])
+            out.append(registered[key])
+            pos = tokens[end].end
+            i = end + 1
+            continue
+        i += 1
+    out.append(sql[pos:])
+    return "".join(out)
+
+
+# -- preparing on a connection ------------------------------------------------------------------
+
+def _check_sets(flt: FilterFile, sets: dict) -> None:
+    unknown = [k for k in sets if k not in flt.params]
+    if unknown:
+        declared = ", ".join(flt.params) or "none"
+        raise FilterError(f"{flt.path}: unknown parameter '{unknown[0]}' (this filter declares: {declared})")
+
+
+def _set_parameters(con, flt: FilterFile, sets: dict, registered: dict) -> dict:
+    """The setup statements and the overrides on ``con``; every declared parameter's value."""
+    _check_sets(flt, sets)
+    for stmt in flt.setup:
+        try:
+            con.execute(substitute_subsets(stmt, con, {}, registered))
+        except duckdb.Error as e:
+            raise FilterError(f"{flt.path}: {one_line(e)}") from None
+    for key, val in sets.items():
+        con.execute(f"SET VARIABLE {key} = ?", [val])  # key checked against _IDENT and the declared names
+    params = {}
+    for key in flt.params:
+        # key matched _SET_VARIABLE (an identifier); not bound, because binding any parameter
+        # makes DuckDB import pandas (0.3 s on every run)
+        params[key] = json_value(con.execute(f"SELECT getvariable('{key}')").fetchone()[0])
+    return params
+
+
+def prepare(con, flt: FilterFile, sets: dict) -> tuple[str, dict]:
+    """Run the filter's setup statements, apply overrides, return the final query and params."""
+    registered: dict = {}
+    params = _set_parameters(con, flt, sets, registered)
+    query = substitute_subsets(flt.query, con, params, registered)
+    return query, params
+
+
+def _without_catalog(step: Callable):
+    """``step(con)`` on a scratch in-memory DuckDB; None if it fails there (it needs the catalog)."""
+    scratch = duckdb.connect(":memory:")
+    try:
+        return step(scratch)
+    except (CurateError, duckdb.Error):
+        return None
+    finally:
+        scratch.close()
+
+
+def declared_params(flt: FilterFile, sets: dict | None = None) -> dict | None:
+    """The filter's parameters (declared defaults, then ``sets``) evaluated without a catalog;
+    None when a setup statement needs one (it reads the pool or a catalog macro). An unknown
+    name in ``sets`` is a :class:`FilterError`."""
+    sets = sets or {}
+    _check_sets(flt, sets)
+    return _without_catalog(lambda con: _set_parameters(con, flt, sets, {}))
+
+
+def filter_features(catalog, flt: FilterFile, params: dict, progress: bool) -> dict:
+    """Build the feature views ``flt`` references that are missing or stale, and describe them
+    for the manifest. Call with no connection to ``catalog`` open (producers write to it)."""
+    built = ensure_features(catalog, flt.text, params, progress=progress)
+    features = {}
+    for view in needed_producers(flt.text):
+        describe = getattr(producer(view), "describe", None)
+        features[view] = {"built_now": view in built, **(describe(catalog, params) if describe else {})}
+    return features
+
+
+def build_features(catalog, flt: FilterFile, sets: dict, progress: bool = False) -> dict:
+    """Step 2: the feature views ``flt`` needs, built for its parameters; ``{}`` when it reads
+    none. The filter is prepared once without the catalog first (so a bad parameter or subset
+    file fails before anything is built); one whose setup needs the catalog is prepared there
+    (a short read-only connection, closed before producers write)."""
+    if not needed_producers(flt.text):
+        return {}
+    _check_sets(flt, sets)
+    params = _without_catalog(lambda con: prepare(con, flt, sets)[1])
+    if params is None:
+        con = connect(catalog)
+        try:
+            params = prepare(con, flt, sets)[1]
+        finally:
+            con.close()
+    return filter_features(catalog, flt, params, progress)
+
+
+@dataclass
+class OpenFilter:
+    """A filter prepared on an open, read-only catalog connection (close ``con`` when done)."""
+
+    con: duckdb.DuckDBPyConnection
+    flt: FilterFile
+    query: str  # read_subset() calls replaced; fraction_threshold() calls still in it
+    params: dict  # every declared parameter, after overrides, as JSON values
+    features: dict  # feature views the filter reads: built now?, and their description
+    context: object = None  # what ``before_prepare`` returned
+
+
+def open_filter(filter_path, catalog=None, sets: dict | None = None, *, progress: bool = False,
+                features: bool = True, before_prepare: Callable | None = None) -> OpenFilter:
+    """Steps 1-3: load ``filter_path``, build its feature views (unless ``features=False``),
+    connect to ``catalog`` and prepare the filter there once.
+
+    ``before_prepare(con)`` runs on the new connection before the setup statements (the Ray
+    runner registers remote filesystems there); its result is :attr:`OpenFilter.context`.
+    """
+    catalog = Path(catalog) if catalog else default_catalog()
+    sets = sets or {}
+    flt = filter_path if isinstance(filter_path, FilterFile) else load_filter(filter_path)
+    built = build_features(catalog, flt, sets, progress) if features else {}
+    con = connect(catalog)
+    try:
+        context = before_prepare(con) if before_prepare else None
+        query, params = prepare(con, flt, sets)
+    except BaseException:
+        con.close()
+        raise
+    return OpenFilter(con, flt, query, params, built, context)
+
+
+# -- thresholds and the result check ------------------------------------------------------------
+
+def precompute_thresholds(con, query: str) -> tuple[str, list[dict]]:
+    """Evaluate each ``fraction_threshold(score, fraction)`` of ``query`` once, up front, into a
+    typed variable; return the query reading the variables instead, and the values found.
+
+    The result is the same, only faster: DuckDB pushes ``score >= <constant>`` into the parquet
+    scan (skipping rows before it decodes their uids), but not ``score >= (scalar subquery)``.
+    A call that cannot be evaluated on its own (it names something outside ``pool``) leaves the
+    query untouched, so DuckDB reports or evaluates it exactly as written.
+    """
+    rewritten, calls = extract_fraction_thresholds(query)
+    found = []
+    for call in calls:
+        try:
+            con.execute(f"SET VARIABLE {call.variable} = "
+                        f"fraction_threshold(({call.score_sql}), ({call.fraction_sql}))")
+            value = con.execute(f"SELECT getvariable('{call.variable}')").fetchone()[0]
+        except duckdb.Error:
+            return query, []
+        # None: fewer numeric scores than the rank, DataComp's NaN threshold (nothing kept)
+        found.append({"score": call.score_sql, "fraction": call.fraction_sql, "threshold": value})
+    return rewritten, found
+
+
+def check_uid_column(con, query: str, where) -> None:
+    """Bind ``query`` without running it; a :class:`FilterError` naming ``where`` unless it
+    returns exactly one column, ``uid``, of type VARCHAR."""
+    try:
+        rel = con.sql(query)
+        columns, types = rel.columns, rel.types
+    except duckdb.Error as e:
+        raise FilterError(f"{where}: {one_line(e)}") from None
+    if columns != ["uid"]:
+        raise FilterError(f"{where}: the query must return exactly one column named `uid`; it returns "
+                          f"{', '.join(columns)}")
+    if str(types[0]) != "VARCHAR":
+        raise FilterError(f"{where}: column `uid` has type {types[0]}, expected VARCHAR (32 hex characters)")
+
+
+def locate_bad_uid(con, err: BadUid, path) -> CurateError:
+    """Turn a bad uid in a query result into an error naming the pool file and row it came from."""
+    where = ""
+    try:
+        hit = con.execute(
+            "SELECT file, \"row\" FROM pool WHERE uid IS NOT DISTINCT FROM ? LIMIT 1", [err.value]
+        ).fetchone()
+        if hit:
+            src = con.execute("SELECT path FROM pool_files WHERE file = ?", [hit[0]]).fetchone()
+            where = f" (pool file {src[0] if src else hit[0]}, row {hit[1]}, column uid)"
+    except duckdb.Error:
+        pass
+    return CurateError(f"{path}: {err}{where}")
+
+
+# -- the bundled filters ------------------------------------------------------------------------
+
+@dataclass
+class FilterInfo:
+    """A bundled filter: its name for ``curate run NAME``, its parameters, what it does."""
+
+    name: str  # relative to the filters directory, without .sql: "laion2b", "tic/year"
+    path: Path
+    params: dict  # declared defaults (the SQL text of one that needs a catalog to evaluate)
+    summary: str | None  # the first line of the file's leading comment
+
+
+def describe_filter(path, name: str | None = None) -> FilterInfo:
+    """Name, declared parameters with their defaults, and summary line of one filter file."""
+    flt = load_filter(path)
+    params = declared_params(flt)
+    if params is None:  # a default that reads the catalog: show what the file says
+        params = {}
+        for stmt in flt.setup:
+            m = _SET_VARIABLE.match(_strip_comments(stmt))
+            if m:
+                params[m.group(1)] = _strip_comments(stmt)[m.end():].strip().lstrip("=").strip().rstrip(";")
+    summary = None
+    for line in flt.text.splitlines():
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("--"):
+            summary = line.lstrip()[2:].strip() or None
+        break
+    return FilterInfo(name or flt.path.stem, flt.path, params, summary)
+
+
+def bundled_filters() -> list[FilterInfo]:
+    """Every filter shipped with curate (``filters/*.sql``, ``filters/tic/*.sql``), by name."""
+    root = resources.filters_dir()
+    return [describe_filter(p, p.relative_to(root).with_suffix("").as_posix()) for p in resources.list_filters()]
