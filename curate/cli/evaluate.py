@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
+from curate.evaluate.models import PRECISIONS
 from curate.evaluate.run import evaluate_run
 from curate.evaluate.winogavil import export_winogavil, winogavil_rows_from_hf
 
@@ -26,7 +27,13 @@ from curate.evaluate.winogavil import export_winogavil, winogavil_rows_from_hf
               help="Where eval_results.jsonl goes (default: the run directory).")
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--task", "only", multiple=True, help="Only this task key (repeatable).")
-def eval_cmd(train_output_dir, tasks, data_dir, output_dir, batch_size, only):
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+              help="auto: as DataComp (float16 autocast on CUDA, fp32 on the CPU); fp32; amp (float16 "
+                   "autocast); bf16 (bfloat16 autocast). Recorded in eval_results.jsonl.")
+@click.option("--device", default=None, help="torch device (default: cuda when available, else cpu).")
+@click.option("--threads", type=click.IntRange(1, 1024), default=None,
+              help="torch threads (on small CPU machines 1 is often fastest, as for `curate train`).")
+def eval_cmd(train_output_dir, tasks, data_dir, output_dir, batch_size, only, precision, device, threads):
     """Zero-shot evaluation of a trained model; results appended to eval_results.jsonl.
 
     Tasks already in eval_results.jsonl are skipped; tasks without local data are reported
@@ -37,10 +44,13 @@ def eval_cmd(train_output_dir, tasks, data_dir, output_dir, batch_size, only):
       curate eval --train-output-dir runs/tiny_scale --data-dir /data/datacomp_eval
     """
     t0 = time.perf_counter()
-    progress = (lambda it, total=None: tqdm(it, total=total, unit="img", leave=False)) if sys.stderr.isatty() else None
+    tty = sys.stderr.isatty()
+    # progress also when not on a terminal (a log line every 30 s instead of a live bar)
+    progress = (lambda it, total=None: tqdm(it, total=total, unit="img", leave=False,
+                                            mininterval=0.1 if tty else 30.0))
     s = evaluate_run(train_output_dir, tasks=tasks, data_dir=data_dir, output_dir=output_dir,
                      batch_size=batch_size, only=list(only) or None, progress=progress,
-                     say=lambda m: click.echo(m, err=True))
+                     say=lambda m: click.echo(m, err=True), precision=precision, device=device, threads=threads)
     click.echo(s.table())
     counts = {}
     for r in s.rows:

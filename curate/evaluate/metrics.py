@@ -25,7 +25,7 @@ import numpy as np
 
 from curate.evaluate import EvalError
 
-COMPUTED_METRICS = {"acc1", "acc5", "mean_per_class_recall", "mean_recall@1"}
+COMPUTED_METRICS = {"acc1", "acc5", "mean_per_class_recall", "mean_recall@1", "mean_average_precision"}
 
 
 # --------------------------------------------------------------------------- classification, retrieval
@@ -69,10 +69,31 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
     logits, labels = np.asarray(logits), np.asarray(labels)
     pred = logits.argmax(axis=1)
     out = {"acc1": topk_accuracy(logits, labels, 1)}
-    if logits.shape[1] >= 5:
-        out["acc5"] = topk_accuracy(logits, labels, 5)
+    # clip_benchmark gives NaN below 5 classes; DataComp's results carry it as null
+    out["acc5"] = topk_accuracy(logits, labels, 5) if logits.shape[1] >= 5 else None
     out["mean_per_class_recall"] = balanced_accuracy(labels, pred)
     return out
+
+
+def average_precision_per_class(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """clip_benchmark's multi-label AP (from torchnet's meter): per class, rank the samples by
+    score (descending), precision at each rank, averaged over the ranks of the positives
+    (0 for a class without positives). Ties keep sample order (a stable sort)."""
+    scores, targets = np.asarray(scores, np.float64), np.asarray(targets)
+    n, c = scores.shape
+    ranks = np.arange(1, n + 1, dtype=np.float64)
+    ap = np.zeros(c)
+    for k in range(c):
+        order = np.argsort(-scores[:, k], kind="stable")
+        truth = targets[order, k] > 0
+        precision = np.cumsum(truth) / ranks
+        ap[k] = precision[truth].sum() / max(float(truth.sum()), 1.0)
+    return ap
+
+
+def multilabel_metrics(logits: np.ndarray, targets: np.ndarray) -> dict:
+    """clip_benchmark's multi-label result: ``mean_average_precision`` over the classes."""
+    return {"mean_average_precision": float(average_precision_per_class(logits, targets).mean())}
 
 
 def retrieval_metrics(scores: np.ndarray, text_image: np.ndarray, ks=(1, 5, 10)) -> dict:

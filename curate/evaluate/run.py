@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,8 +26,9 @@ import numpy as np
 from curate.atomic import write_json
 from curate.evaluate import EvalError
 from curate.evaluate.metrics import (COMPUTED_METRICS, GROUP_EVALS, METADATA_FIELDS, WINOGAVIL_METRICS,
-                                     classification_metrics, retrieval_metrics, zero_shot_weights)
-from curate.evaluate.models import LoadedModel, encode_task_images, encode_texts, load_model, normalize
+                                     classification_metrics, multilabel_metrics, retrieval_metrics)
+from curate.evaluate.models import (ClassifierCache, LoadedModel, encode_task_images, encode_texts, load_model,
+                                    normalize)
 from curate.evaluate.tasks import TaskData, first_sample_members, load_tasklist, open_task
 from curate.evaluate.winogavil import run_winogavil
 from curate.train.trainer import read_record
@@ -44,16 +46,32 @@ def _label(v) -> int:
 
 
 def _captions(v) -> list[str]:
+    """A sample's captions as clip_benchmark reads them: ``str.splitlines`` (blank lines kept)."""
     if isinstance(v, (bytes, bytearray)):
         v = v.decode("utf-8")
-    return [c for c in str(v).splitlines() if c.strip()] or [str(v)]
+    return str(v).splitlines()
 
 
-def run_task(m: LoadedModel, data: TaskData, key: str, batch_size: int = 64, progress=None) -> dict:
-    """Metrics of one task (clip_benchmark definitions) plus n and images/s."""
+def _multilabel_targets(samples: list[dict], nc: int, root) -> np.ndarray:
+    if any("npy" not in s for s in samples):
+        raise EvalError(f"{root}: a multilabel sample lacks its .npy target vector")
+    try:
+        t = np.stack([np.asarray(s["npy"]).reshape(-1) for s in samples])
+    except ValueError:
+        raise EvalError(f"{root}: multilabel .npy targets differ in length") from None
+    if t.shape[1] != nc:
+        raise EvalError(f"{root}: multilabel targets have {t.shape[1]} classes, classnames.txt {nc}")
+    return t
+
+
+def run_task(m: LoadedModel, data: TaskData, key: str, batch_size: int = 64, progress=None,
+             classifiers: ClassifierCache | None = None) -> dict:
+    """Metrics of one task (clip_benchmark definitions) plus n, seconds and images/s; the seconds
+    count everything the task costs (images, texts, the classifier, metrics)."""
+    t0 = time.perf_counter()
     if data.kind == "winogavil":
         return run_winogavil(m, data, batch_size, progress)
-    img, samples, secs = encode_task_images(m, data, batch_size, progress)
+    img, samples, _ = encode_task_images(m, data, batch_size, progress)
     if not samples:
         raise EvalError(f"{data.root}: no samples")
     if data.kind == "retrieval":
@@ -66,6 +84,10 @@ def run_task(m: LoadedModel, data: TaskData, key: str, batch_size: int = 64, pro
             owner.extend([i] * len(caps))
         txt = normalize(encode_texts(m, texts))
         metrics = retrieval_metrics(txt @ img.T, np.array(owner))
+    elif data.kind == "multilabel":
+        targets = _multilabel_targets(samples, len(data.classnames), data.root)
+        w = (classifiers or ClassifierCache()).get(m, data.classnames, data.templates, str(data.root))
+        metrics = multilabel_metrics(100.0 * img @ w, targets)
     else:
         if any("cls" not in s for s in samples):
             raise EvalError(f"{data.root}: a sample lacks the cls member")
@@ -73,8 +95,7 @@ def run_task(m: LoadedModel, data: TaskData, key: str, batch_size: int = 64, pro
         nc = len(data.classnames)
         if labels.min() < 0 or labels.max() >= nc:
             raise EvalError(f"{data.root}: class id {int(labels.max())} outside classnames.txt ({nc} names)")
-        embs = [encode_texts(m, [t.replace("{c}", c) for t in data.templates]) for c in data.classnames]
-        w = zero_shot_weights(embs)
+        w = (classifiers or ClassifierCache()).get(m, data.classnames, data.templates, str(data.root))
         logits = 100.0 * img @ w
         metrics = classification_metrics(logits, labels)
         ge = GROUP_EVALS.get(key)
@@ -92,12 +113,20 @@ def run_task(m: LoadedModel, data: TaskData, key: str, batch_size: int = 64, pro
                     raise EvalError(f"{data.root}: .npy metadata vectors differ in length") from None
             if meta is not None or not ge.needs_metadata:
                 metrics.update(ge.fn(logits, labels, meta, data.names))
+    secs = time.perf_counter() - t0
     return {"metrics": metrics, "n": len(samples), "seconds": secs,
             "images_per_second": len(samples) / secs if secs > 0 else None}
 
 
 
 # --------------------------------------------------------------------------- runs
+
+
+def set_threads(threads: int) -> None:
+    """torch's intra-op threads (as ``curate train --threads``)."""
+    import torch  # lazy: optional extra [torch]
+
+    torch.set_num_threads(int(threads))
 
 
 def read_results(path: Path) -> dict[str, dict]:
@@ -170,6 +199,8 @@ def unsupported_reason(key: str, task: dict, data: TaskData) -> str | None:
         return "multi-objective race/gender/age tables not computed; DataComp's main metric is None"
     if (data.kind == "retrieval") != (mm == "mean_recall@1"):
         return f"data is {data.kind} but the main metric is {mm}"
+    if (data.kind == "multilabel") != (mm == "mean_average_precision"):
+        return f"data is {data.kind} but the main metric is {mm}"
     if mm is None or mm in COMPUTED_METRICS:
         return None
     ge = GROUP_EVALS.get(key)
@@ -182,8 +213,12 @@ def unsupported_reason(key: str, task: dict, data: TaskData) -> str | None:
 
 
 def evaluate_run(train_output_dir, tasks=None, data_dir=None, output_dir=None, batch_size: int = 64,
-                 only: list[str] | None = None, progress=None, say=None) -> EvalSummary:
-    """Evaluate the model of a training run on every task with data; append to eval_results.jsonl."""
+                 only: list[str] | None = None, progress=None, say=None, precision: str = "auto",
+                 device: str | None = None, threads: int | None = None) -> EvalSummary:
+    """Evaluate the model of a training run on every task with data; append to eval_results.jsonl.
+
+    ``precision``/``device``: see :mod:`curate.evaluate.models` (auto = DataComp's: amp on CUDA,
+    fp32 on the CPU); ``threads`` sets torch's intra-op threads."""
     run = Path(train_output_dir)
     rec = read_record(run)
     tasklist = load_tasklist(tasks)
@@ -203,6 +238,7 @@ def evaluate_run(train_output_dir, tasks=None, data_dir=None, output_dir=None, b
         raise EvalError(f"{results_file}: results belong to another checkpoint (see {info}); use another --output-dir")
     write_json(info, {"checkpoint": checkpoint, "model": rec["model"], "scale": rec.get("scale")})
     summary = EvalSummary(results_file)
+    classifiers = ClassifierCache(out_dir / "classifiers")
     model = None
     for key, task in tasklist.items():
         row = {"key": key, "name": task["name"], "main": None, "n": None, "ips": None}
@@ -224,14 +260,19 @@ def evaluate_run(train_output_dir, tasks=None, data_dir=None, output_dir=None, b
             summary.rows.append(row)
             continue
         if model is None:
-            model = load_model(rec["model"], checkpoint)
+            if threads:
+                set_threads(threads)
+            model = load_model(rec["model"], checkpoint, device=device, precision=precision)
         if say:
-            say(f"{key}: {len(data.shards)} shards")
-        res = run_task(model, data, key, batch_size, progress)
+            say(f"{key}: {len(data.shards)} shards ({model.device}, {model.precision})")
+        res = run_task(model, data, key, batch_size, progress, classifiers)
         metrics = dict(res["metrics"])
         metrics["main_metric"] = metrics.get(mm) if mm else None
         line = {"key": key, "dataset": task["name"], "metrics": metrics, "n": res["n"],
-                "seconds": round(res["seconds"], 3), "images_per_second": res["images_per_second"]}
+                "seconds": round(res["seconds"], 3), "images_per_second": res["images_per_second"],
+                "precision": model.precision, "device": model.device}
+        if say:
+            say(f"{key}: {res['n']:,} images in {res['seconds']:.1f}s")
         _append(results_file, line)
         done[key] = line
         row.update(status="evaluated", main=metrics["main_metric"], n=res["n"], ips=res["images_per_second"])

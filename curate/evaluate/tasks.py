@@ -49,7 +49,7 @@ class TaskData:
     """A task's data on disk: its shards and what zero-shot classification needs."""
 
     root: Path
-    kind: str  # "classification" | "retrieval" | "winogavil"
+    kind: str  # "classification" | "multilabel" | "retrieval" | "winogavil"
     shards: list[str]
     classnames: list[str] | None
     templates: list[str] | None
@@ -102,17 +102,24 @@ def open_task(data_dir: Path, key: str, task: dict) -> TaskData | None:
     tfile = root / "dataset_type.txt"
     kind = _read(tfile).strip().lower() if tfile.is_file() else (
         task.get("task") if task.get("task") in ("retrieval", "winogavil") else "classification")
+    if kind not in ("classification", "multilabel", "retrieval", "winogavil"):
+        raise EvalError(f"{tfile}: dataset type {kind!r} is not supported (classification, multilabel, "
+                        f"retrieval, winogavil)")
     classnames = templates = None
-    if kind == "classification":
+    if kind in ("classification", "multilabel"):
         cfile, tfile = root / "classnames.txt", root / "zeroshot_classification_templates.txt"
         for f in (cfile, tfile):
             if not f.is_file():
                 raise EvalError(f"{f}: missing (needed for zero-shot classification of {key})")
+        # as clip_benchmark reads them: every line, stripped, blank lines kept (a blank template
+        # is the empty prompt, averaged in like the others)
         classnames = [ln.strip() for ln in _read(cfile).splitlines()]
-        templates = [ln.strip() for ln in _read(tfile).splitlines() if ln.strip()]
-        bad = [t for t in templates if "{c}" not in t]
+        templates = [ln.strip() for ln in _read(tfile).splitlines()]
+        bad = [t for t in templates if t and "{c}" not in t]
         if bad:
             raise EvalError(f"{tfile}: template {bad[0]!r} lacks the {{c}} placeholder")
+        if not templates:
+            raise EvalError(f"{tfile}: no templates")
     count = None
     cf = root / "count.txt"
     if cf.is_file():
