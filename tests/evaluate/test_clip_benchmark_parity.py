@@ -133,7 +133,7 @@ def test_blank_template_is_averaged_in_and_classifier_is_cached(run_dir, colour_
     assert again["metrics"]["acc1"] == line["metrics"]["acc1"]
 
 
-def test_bf16_is_recorded_and_close_to_fp32(run_dir, colour_task, tmp_path):
+def test_bf16_is_recorded_with_its_own_classifier(run_dir, colour_task, tmp_path):
     data, tasks = colour_task
     evaluate_run(run_dir, tasks=tasks, data_dir=data, output_dir=tmp_path / "fp32", precision="fp32")
     evaluate_run(run_dir, tasks=tasks, data_dir=data, output_dir=tmp_path / "bf16", precision="bf16", threads=1)
@@ -143,7 +143,10 @@ def test_bf16_is_recorded_and_close_to_fp32(run_dir, colour_task, tmp_path):
     # different precisions never share a cached classifier
     assert list((tmp_path / "fp32" / "classifiers").glob("*.npy"))[0].name != \
         list((tmp_path / "bf16" / "classifiers").glob("*.npy"))[0].name
-    assert abs(a["metrics"]["mean_per_class_recall"] - b["metrics"]["mean_per_class_recall"]) <= 1.0
+    wa = np.load(next((tmp_path / "fp32" / "classifiers").glob("*.npy")))
+    wb = np.load(next((tmp_path / "bf16" / "classifiers").glob("*.npy")))
+    # bf16 autocast really ran (the text tower's output differs) and stays near fp32's
+    assert not np.array_equal(wa, wb) and np.abs(wa - wb).max() < 0.05
 
 
 def test_multilabel_task_as_clip_benchmark(run_dir, tmp_path):
