@@ -84,7 +84,8 @@ def plot_matrix(result: dict, out: str | os.PathLike) -> Path:
 
     m = np.asarray(result["matrix"], dtype=float)
     steps = result["steps"]
-    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(steps), 0.8 + 0.6 * len(steps)))
+    # sized from its content: the cells, and a two-line title that must fit for any step count
+    fig, ax = plt.subplots(figsize=(max(4.8, 1.8 + 0.7 * len(steps)), max(3.8, 1.6 + 0.6 * len(steps))))
     im = ax.imshow(m, cmap="viridis")
     ax.set_xticks(range(len(steps)), steps, rotation=45)
     ax.set_yticks(range(len(steps)), steps)
@@ -95,13 +96,13 @@ def plot_matrix(result: dict, out: str | os.PathLike) -> Path:
             if not math.isnan(m[i, j]):
                 ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w")
     f = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    ax.set_title(f"TiC {result['kind']}: ID {f(result['id'])}, backward {f(result['backward'])}, "
+    ax.set_title(f"TiC {result['kind']}\nID {f(result['id'])}, backward {f(result['backward'])}, "
                  f"forward {f(result['forward'])}", fontsize=8)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     out = Path(out)
     with atomic_path(out, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)
     return out
 
