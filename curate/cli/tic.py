@@ -210,7 +210,7 @@ def train_cmd(plan, root, workers, precision, num_checkpoints, threads, only, qu
 
     \b
     Example:
-      curate tic plan cumulative-all --steps 2016,2017,2018 --budget 20000 -o plan.json
+      curate tic plan --strategy cumulative-all --steps 2016,2017,2018 --sizes tic/ --budget 20000 -o plan.json
       curate tic train plan.json --workers 2
     """
     from curate.tic.train import run_plan  # lazy: optional extra [torch] (open_clip's trainer)
