@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import tarfile
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +38,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
+from curate import resources
 from curate.atomic import atomic_path, file_sha256, write_json
 from curate.catalog.connection import init_catalog
 from curate.catalog.schema import POOL_SCHEMA, extra_columns
@@ -109,37 +112,84 @@ def default_embedding(arch: str) -> str:
     return "b32" if "B-32" in arch or "b32" in arch.lower() else "l14"
 
 
-def load_model(arch: str | None, checkpoint: str | os.PathLike, model_config: str | os.PathLike | None = None,
-               device: str = "cpu"):
-    """Build an open_clip model from a local checkpoint; returns (model, preprocess, tokenizer, name).
+def model_name(arch: str | None, model_config: str | os.PathLike | None = None) -> str:
+    """The open_clip name to build for ``--model``/``--model-config``, registering configs as needed.
 
-    ``model_config`` is a JSON file with open_clip's ``embed_dim``/``vision_cfg``/``text_cfg``
-    (custom tiny architectures); the model's name is then the file's stem.
+    Accepted, as ``curate train`` accepts them: an open_clip architecture (``ViT-B-32``); a
+    model of this repository's ``train/models/`` (``tiny-vit``) or any directory holding an
+    ``open_clip_config.json``, or its ``local-dir:DIR`` name; ``--model-config FILE.json`` in
+    open_clip's format (``embed_dim``/``vision_cfg``/``text_cfg``, registered under the file's
+    stem) or in the ``open_clip_config.json`` format that wraps it in ``model_cfg``.
     """
     import open_clip  # lazy: optional extra [torch]
 
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
-        raise ByodError(f"{checkpoint}: checkpoint file not found (byod scoring never downloads weights)")
     if model_config is not None:
         cfg_path = Path(model_config)
         try:
             cfg = json.loads(cfg_path.read_text())
         except (OSError, ValueError) as e:
             raise ByodError(f"{cfg_path}: cannot read the model config as JSON ({e})") from None
+        if isinstance(cfg, dict) and isinstance(cfg.get("model_cfg"), dict):
+            return f"local-dir:{cfg_path.resolve().parent}" if cfg_path.name == "open_clip_config.json" \
+                else _register_wrapped(open_clip, cfg_path, cfg["model_cfg"], arch)
         missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in cfg]
         if missing:
             raise ByodError(f"{cfg_path}: model config lacks {', '.join(missing)} (open_clip's model config format)")
         if arch and arch != cfg_path.stem:
             raise ByodError(f"--model {arch}: with --model-config the model is named after the file, {cfg_path.stem!r}")
         open_clip.add_model_config(cfg_path)
-        arch = cfg_path.stem
+        return cfg_path.stem
     if not arch:
         raise ByodError("give --model ARCH (an open_clip model name) or --model-config FILE.json")
+    if arch.startswith("local-dir:"):
+        d = Path(arch[len("local-dir:"):])
+        if not (d / "open_clip_config.json").is_file():
+            raise ByodError(f"--model {arch}: {d / 'open_clip_config.json'} not found")
+        return f"local-dir:{d.resolve()}"
+    for d in (resources.train_dir() / "models" / arch, Path(arch)):
+        if (d / "open_clip_config.json").is_file():
+            return f"local-dir:{d.resolve()}"
     if arch not in open_clip.list_models():
-        raise ByodError(f"--model {arch}: not an open_clip architecture (see open_clip.list_models(), or pass "
-                        f"--model-config FILE.json)")
-    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None, device=device)
+        raise ByodError(f"--model {arch}: not an open_clip architecture (see open_clip.list_models()), a model "
+                        f"of train/models/, or a directory with open_clip_config.json; or pass --model-config FILE.json")
+    return arch
+
+
+def _register_wrapped(open_clip, cfg_path: Path, model_cfg: dict, arch: str | None) -> str:
+    """Register the ``model_cfg`` of a wrapped config file under the file's stem."""
+    name = cfg_path.stem
+    if arch and arch != name:
+        raise ByodError(f"--model {arch}: with --model-config the model is named after the file, {name!r}")
+    missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in model_cfg]
+    if missing:
+        raise ByodError(f"{cfg_path}: model_cfg lacks {', '.join(missing)} (open_clip's model config format)")
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d) / f"{name}.json"
+        tmp.write_text(json.dumps(model_cfg))
+        open_clip.add_model_config(tmp)
+    return name
+
+
+def load_model(arch: str | None, checkpoint: str | os.PathLike, model_config: str | os.PathLike | None = None,
+               device: str = "cpu"):
+    """Build an open_clip model from a local checkpoint; returns (model, preprocess, tokenizer, name).
+
+    The model is named as :func:`model_name` accepts it. open_clip's warning that the model has
+    no pretrained weights is not shown: the checkpoint's weights are loaded next.
+    """
+    import open_clip  # lazy: optional extra [torch]
+
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise ByodError(f"{checkpoint}: checkpoint file not found (byod scoring never downloads weights)")
+    arch = model_name(arch, model_config)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # "No pretrained weights loaded": ours are loaded just below
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None, device=device)
+    finally:
+        root.setLevel(level)
     try:
         open_clip.load_checkpoint(model, str(checkpoint), weights_only=True)  # no arbitrary unpickling
     except Exception as e:  # noqa: BLE001 - torch/safetensors raise many types for a bad file
