@@ -45,7 +45,8 @@ from curate.atomic import atomic_path, file_sha256
 from curate.catalog.connection import CatalogError, connect, default_catalog, features_dir, register_parquet_view, resolve_path
 from curate.engine import LOCAL, Engine, map_tasks
 from curate.errors import CurateError
-from curate.features.langid import LID_MODEL_ENV, FastTextLID, model_identity, resolve_lid_model
+from curate.features.langid import (LID_MODEL_ENV, FastTextLID, bundled_lid_model, model_identity,
+                                   resolve_lid_model)
 from curate.features.wordnet import EntityMatcher, ensure_wordnet, in21k_path, wordnet_identity
 
 VIEW = "text_features"
@@ -256,8 +257,11 @@ def compute_file(src: Path, file: str, out: Path, settings: dict, source: dict, 
             "in21k_entity": pa.array(entity_flags(texts, models.matcher, split)),
         }
 
+    # the recorded settings name the model by identity (name, sha256, bytes), never by where it
+    # lives on this machine, so the same inputs give the same bytes on every machine
     return write_caption_table(src, file, out, OUTPUT_SCHEMA, META_KEY,
-                               {"file": file, "source": source, "settings": settings}, columns, progress)
+                               {"file": file, "source": source, "settings": _comparable(settings)}, columns,
+                               progress)
 
 
 def compute_task(compute: Callable, src: str, file: str, out: str, settings: dict, source: dict,
@@ -325,14 +329,24 @@ def _choose_model(lid_model, out_dir: Path, files: list[PoolFileRef]) -> Path:
     """Explicit model > $CURATE_LID_MODEL > the model existing outputs were built with > bundled."""
     if lid_model or os.environ.get(LID_MODEL_ENV):
         return resolve_lid_model(lid_model)
+    default = resolve_lid_model(None)
     for f in files:
         meta = read_output_meta(out_dir / f"{f.file}.parquet")
         if meta:
-            recorded = Path(meta["settings"]["lid_model"]["path"])
-            if recorded.is_file():
-                return recorded
+            lid = meta.get("settings", {}).get("lid_model", {})
+            old_path = Path(lid["path"]) if lid.get("path") else None  # outputs written before 2026-12
+            if old_path is not None and old_path.is_file():
+                return old_path
+            if lid.get("sha256") and lid["sha256"] != model_identity(default)["sha256"]:
+                remembered = _remembered_model(out_dir, lid["sha256"])
+                if remembered is not None:
+                    return remembered
+                raise CurateError(
+                    f"{out_dir}: text features were built with the language-ID model {lid.get('name')} "
+                    f"(sha256 {lid['sha256'][:12]}...); pass that file with --lid-model (or set "
+                    f"${LID_MODEL_ENV}) to reuse them, or --force to rebuild with the bundled model")
             break
-    return resolve_lid_model(None)
+    return default
 
 
 def _status(table: CaptionTable, files, out_dir, settings) -> tuple[list[PoolFileRef], list[PoolFileRef]]:
@@ -369,7 +383,8 @@ class Plan:
 def plan(table: CaptionTable, catalog: Path, force: bool = False, **options) -> Plan:
     """Which pool files lack a current output of ``table`` (all of them with ``force``)."""
     files, out_dir, registered = _pool(catalog, table.view)
-    settings = table.settings(out_dir, files, **options)
+    # with force, the outputs there are replaced: what they were built with does not matter
+    settings = table.settings(out_dir, [] if force else files, **options)
     todo, done = _status(table, files, out_dir, settings)
     if force:
         todo, done = files, []
@@ -476,7 +491,33 @@ def build_text_features(catalog=None, lid_model=None, progress: bool = True, for
     One task per stale pool file, run where ``engine`` says: e.g. ``Engine(workers=4)`` (four
     local processes) or ``Engine(kind="ray", address="auto")`` (Ray tasks; same outputs).
     """
-    return build_table(TABLE, catalog, progress=progress, force=force, engine=engine, lid_model=lid_model)
+    res = build_table(TABLE, catalog, progress=progress, force=force, engine=engine, lid_model=lid_model)
+    _remember_model(res.out_dir, Path(res.settings["lid_model"]["path"]))
+    return res
+
+
+#: where a features dir remembers a non-bundled model's path on this machine (the outputs name
+#: the model only by identity, so they stay the same bytes on every machine)
+MODEL_PATH_FILE = ".lid_model_path"
+
+
+def _remember_model(out_dir: Path, path: Path) -> None:
+    note = Path(out_dir) / MODEL_PATH_FILE
+    bundled = bundled_lid_model()
+    if bundled is not None and path == bundled.resolve():
+        note.unlink(missing_ok=True)
+        return
+    with atomic_path(note) as tmp:
+        tmp.write_text(str(path) + "\n")
+
+
+def _remembered_model(out_dir: Path, sha256: str) -> Path | None:
+    note = Path(out_dir) / MODEL_PATH_FILE
+    try:
+        path = Path(note.read_text().strip())
+    except OSError:
+        return None
+    return path if path.is_file() and model_identity(path)["sha256"] == sha256 else None
 
 
 PRODUCER = CaptionTableProducer(
