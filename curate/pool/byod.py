@@ -44,7 +44,7 @@ from curate.catalog.connection import init_catalog
 from curate.catalog.schema import POOL_SCHEMA, extra_columns
 from curate.errors import CurateError
 from curate.pool.download import (MANIFEST, SAMPLES_PER_SHARD, STATUS_DIR, DownloadError, check_metadata,
-                                  register_status_view)
+                                  register_status_view, source_metadata_dir)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 EMBEDDINGS = ("b32", "l14")
@@ -413,19 +413,6 @@ def score_data_dir(data_dir: str | os.PathLike, arch: str | None, checkpoint: st
     return score_shards(data_dir / "shards", out_dir, model, preprocess, tokenizer, embedding=embedding,
                         batch_size=batch_size, device=device, progress=progress, overwrite=overwrite,
                         metadata_dir=metadata_dir)
-
-
-def source_metadata_dir(data_dir: Path) -> Path | None:
-    """The metadata ``DATA_DIR/shards`` were downloaded from: as recorded by `curate download`,
-    else ``DATA_DIR/metadata``; None if neither exists."""
-    try:
-        recorded = json.loads((data_dir / MANIFEST).read_text()).get("metadata_dir")
-    except (OSError, ValueError):
-        recorded = None
-    for d in ([Path(recorded)] if recorded else []) + [data_dir / "metadata"]:
-        if d.is_dir() and any(d.glob("*.parquet")):
-            return d
-    return None
 
 
 def init_scored_catalog(catalog: str | os.PathLike, data_dir: str | os.PathLike, scored_dir: str | os.PathLike,

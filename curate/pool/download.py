@@ -20,6 +20,7 @@ which selected uids are really in the shards). State files live in ``data_dir``,
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shutil
@@ -216,7 +217,7 @@ def fetch_metadata(scale: str, metadata_dir: Path, cache_dir: Path, npz: bool = 
     # xlarge is stored as part_*/...; DataComp downloads */*.parquet and flattens it
     patterns = [f"*/*.{e}" if scale == "xlarge" else f"*.{e}" for e in ext]
     by_hand = (f"offline? place the pool's files by hand: on a machine with access run "
-               f"`huggingface-cli download {repo} --repo-type dataset --include '{patterns[0]}' "
+               f"`{hub_cli()} download {repo} --repo-type dataset --include '{patterns[0]}' "
                f"--local-dir {metadata_dir}`, copy {metadata_dir} here and re-run with "
                f"--metadata-dir {metadata_dir}")
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
@@ -581,11 +582,36 @@ def download(data_dir: str | os.PathLike, scale: str | None = "small", metadata_
     return report
 
 
+def source_metadata_dir(data_dir: Path) -> Path | None:
+    """The metadata ``DATA_DIR/shards`` were downloaded from: as recorded by `curate download`
+    in ``download_manifest.json``, else ``DATA_DIR/metadata``; None if neither exists."""
+    try:
+        recorded = json.loads((Path(data_dir) / MANIFEST).read_text()).get("metadata_dir")
+    except (OSError, ValueError):
+        recorded = None
+    for d in ([Path(recorded)] if recorded else []) + [Path(data_dir) / "metadata"]:
+        if d.is_dir() and any(d.glob("*.parquet")):
+            return d
+    return None
+
+
+def hub_cli() -> str:
+    """The Hugging Face command line the installed huggingface_hub provides: ``hf`` (0.34 and
+    later; the only one from 1.0) or the older ``huggingface-cli``; ``hf`` when it is absent."""
+    try:
+        names = {ep.name for ep in importlib.metadata.distribution("huggingface_hub").entry_points
+                 if ep.group == "console_scripts"}
+    except importlib.metadata.PackageNotFoundError:
+        return "hf"
+    return "hf" if "hf" in names or "huggingface-cli" not in names else "huggingface-cli"
+
+
 def status_report(data_dir: str | os.PathLike, metadata_dir: str | os.PathLike | None = None,
                   catalog: str | os.PathLike | None = None, progress: bool = True) -> DownloadReport:
-    """Rebuild the status files and report of an existing download (no network)."""
+    """Rebuild the status files and report of an existing download (no network). The metadata
+    is ``metadata_dir``, else the directory the download recorded, else ``DATA_DIR/metadata``."""
     data_dir = Path(data_dir)
-    metadata_dir = Path(metadata_dir) if metadata_dir else data_dir / "metadata"
+    metadata_dir = Path(metadata_dir) if metadata_dir else (source_metadata_dir(data_dir) or data_dir / "metadata")
     if not (data_dir / "shards").is_dir():
         raise DownloadError(f"{data_dir / 'shards'}: no shards directory (run `curate download` first)")
     md = check_metadata(metadata_dir, blur=False, verify=False)

@@ -238,6 +238,11 @@ def test_download_verifies_reports_and_resumes(tmp_path, server):
     r = CliRunner().invoke(main, ["download-status", "--data-dir", str(data), "--metadata-dir", str(meta)])
     assert r.exit_code == 0, r.output
     assert re.search(r"hash_mismatch +2 +10\.00%", r.output), r.output
+    # without --metadata-dir: the metadata dir the download recorded in download_manifest.json
+    assert not (data / "metadata").exists()
+    r2 = CliRunner().invoke(main, ["download-status", "--data-dir", str(data)])
+    assert r2.exit_code == 0, r2.output
+    assert re.search(r"hash_mismatch +2 +10\.00%", r2.output), r2.output
     t = pq.read_table(data / "download_status" / "00000000.parquet")
     assert t.column("status").to_pylist() == [EXPECTED[r["kind"]] for r in a]
     assert t.column("key").to_pylist() == list(range(12)) and set(t.column("shard").to_pylist()) == {0}
@@ -419,7 +424,9 @@ def test_hub_offline_fails_at_once_with_instructions(tmp_path, monkeypatch):
     assert r.exit_code == 1
     line = r.output.strip().splitlines()[-1]
     assert line.startswith("error: mlfoundations/datacomp_small: cannot fetch metadata from the Hugging Face hub")
-    assert "huggingface-cli download mlfoundations/datacomp_small --repo-type dataset --include '*.parquet'" in line
+    # the command the installed huggingface_hub provides (`hf` since 0.34; 2.x has no other)
+    cli = "hf" if (Path(sys.executable).parent / "hf").exists() else "huggingface-cli"
+    assert f"`{cli} download mlfoundations/datacomp_small --repo-type dataset --include '*.parquet'" in line
     assert "--metadata-dir" in line
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DownloadError, match="HF_HUB_OFFLINE is set"):
