@@ -4,6 +4,13 @@ and the one helper that hashes a file.
 Outputs are written under a temporary name in the destination directory (same filesystem, so
 the final ``os.replace`` is atomic) and renamed only once complete; on any exception the
 temporary file is removed.
+
+A process killed with ``kill -9`` cannot remove its temporary file, so the name says who wrote
+it: ``.<name>.<pid>-<host>.<random><suffix>.tmp`` (``host``: 8 hex digits of a hash of the host
+name). The next :func:`atomic_path` for the same destination removes the temporary files of
+that destination whose writer ran on this host and is no longer alive (the first call in a
+directory cleans the whole directory of such files, once per process); a live writer's (or
+another host's, on shared storage) is never touched.
 """
 
 from __future__ import annotations
@@ -12,16 +19,89 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import socket
 import tempfile
 from pathlib import Path
+
+_HOST = hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (a zombie counts as gone)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+        return raw[raw.rindex(b")") + 2:][:1] != b"Z"
+    except (OSError, ValueError):
+        return True
+
+
+# .<name>.<pid>-<host>.<8 random [a-z0-9_]><suffix>.tmp (mkstemp's random part)
+_TEMP = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)-(?P<host>[0-9a-f]{8})\.[a-z0-9_]{8}[^/]*\.tmp\Z")
+_CLEANED: set[tuple[int, str]] = set()  # (pid, directory) already cleaned by this process
+
+
+def _stale(name: str) -> re.Match | None:
+    m = _TEMP.match(name)
+    if m and m.group("host") == _HOST and int(m.group("pid")) != os.getpid() and not pid_alive(int(m.group("pid"))):
+        return m
+    return None
+
+
+def stale_temps(dest: str | os.PathLike) -> list[Path]:
+    """Temporary files of ``dest`` left by writers on this host that are no longer alive."""
+    dest = Path(dest)
+    try:
+        names = [e.name for e in os.scandir(dest.parent) if e.name.startswith(f".{dest.name}.")]
+    except OSError:
+        return []
+    return sorted(dest.parent / n for n in names if (m := _stale(n)) and m.group("name") == dest.name)
+
+
+def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files :func:`atomic_path` left in ``directory`` when its writer was
+    killed (writer on this host, no longer alive); returns what was removed."""
+    removed = []
+    try:
+        names = [e.name for e in os.scandir(directory) if e.name.startswith(".") and e.name.endswith(".tmp")]
+    except OSError:
+        return removed
+    for n in names:
+        if _stale(n):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(directory, n))
+                removed.append(Path(directory, n))
+    return sorted(removed)
+
+
+def _clean_once(directory: Path) -> None:
+    # once per process and directory: a directory of N outputs is listed once, not N times
+    key = (os.getpid(), str(directory))
+    if key not in _CLEANED:
+        remove_stale_temps(directory)
+        _CLEANED.add(key)
 
 
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike, suffix: str = ""):
-    """Yield a temporary path beside ``dest``; rename it to ``dest`` if the block succeeds."""
+    """Yield a temporary path beside ``dest``; rename it to ``dest`` if the block succeeds.
+
+    Stale temporary files of ``dest`` (their writer was killed) are removed first.
+    """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix + ".tmp", dir=dest.parent)
+    _clean_once(dest.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.{os.getpid()}-{_HOST}.", suffix=suffix + ".tmp",
+                               dir=dest.parent)
     os.close(fd)
     try:
         yield Path(tmp)

@@ -5,6 +5,13 @@ uid, see :mod:`curate.uids`), sorted ascending, duplicates kept: a uid listed k 
 copies in the resharded data. On disk it is either a ``.npy`` file (format v1.0, exactly what
 ``np.save`` writes) or DataComp's headerless raw memmap (16 bytes per record).
 
+Reading is safe on files from anywhere: a ``.npy`` header is parsed without unpickling (an
+object dtype is refused), and its size must match what the header announces (a truncated file is
+named, not half-read). A file without the ``.npy`` magic is read as a raw memmap only when asked
+(``raw=True``) or when that is unambiguous: a non-empty size that is a multiple of 16 whose first
+4096 bytes are not all printable text (16 random uid bytes are all printable with probability
+about 3e-7), so a 0-byte or 32-byte text file is refused instead of read as uids.
+
 Everything here streams in chunks over a read-only memmap, so a subset of any size is checked
 or converted with bounded memory. DataComp opens raw subsets with ``mode="r+"``; we never need
 write permission on an input.
@@ -92,20 +99,52 @@ def write_records(path: str | os.PathLike, records: np.ndarray) -> Path:
     return path
 
 
-def open_subset(path: str | os.PathLike, check_sorted: bool = True) -> np.ndarray:
-    """Open a subset file read-only (memmap) after checking its dtype, shape and order."""
+def _looks_like_text(head: bytes) -> bool:
+    """True when every byte is printable ASCII or whitespace: a text file, not packed uids
+    (16 random bytes are all printable with probability about 3e-7)."""
+    return all(32 <= c < 127 or c in (9, 10, 13) for c in head)
+
+
+def _open_npy(path: Path) -> np.ndarray:
+    """A ``.npy`` file as a read-only memmap; its header is parsed without unpickling and its
+    size must match what the header says. :class:`BadSubset` names the file otherwise."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        try:
+            shape, fortran, dtype = read_array_header(f)
+        except Exception as e:  # noqa: BLE001 - any malformed header is the user's file
+            raise BadSubset(f"{path}: unreadable .npy header ({e})") from None
+        offset = f.tell()
+    if dtype.hasobject:
+        raise BadSubset(f"{path}: not a subset file (dtype {dtype.str} holds pickled Python objects; "
+                        f"refused, never unpickled)")
+    count = int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
+    want = offset + count * dtype.itemsize
+    if size < want:
+        raise BadSubset(f"{path}: truncated .npy: its header says {count:,} records of {dtype.itemsize} bytes "
+                        f"({want:,} bytes) but the file has {size:,} bytes")
+    if size > want:
+        raise BadSubset(f"{path}: {size - want:,} bytes after the last record its .npy header announces")
+    if count == 0:
+        return np.empty(shape, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+
+
+def open_subset(path: str | os.PathLike, check_sorted: bool = True, raw: bool | None = None) -> np.ndarray:
+    """Open a subset file read-only (memmap) after checking its dtype, shape and order.
+
+    A file starting with the ``.npy`` magic is read as ``.npy`` (never unpickled). Any other file
+    is DataComp's headerless raw memmap only when ``raw`` is True, or (``raw=None``, the default)
+    when that is unambiguous: a non-empty size that is a multiple of 16 and bytes that are not all
+    printable text. ``raw=False`` accepts ``.npy`` only.
+    """
     path = Path(path)
     if not path.is_file():
         raise BadSubset(f"{path}: subset file not found")
     with open(path, "rb") as f:
-        head = f.read(6)
-    if head == NPY_MAGIC:
-        try:
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
-        except ValueError as e:  # object dtypes need pickle: refused, never executed
-            raise BadSubset(f"{path}: not a subset file ({e})") from None
-        except Exception as e:  # noqa: BLE001 - any unreadable header is the user's file
-            raise BadSubset(f"{path}: unreadable .npy file ({e})") from None
+        head = f.read(4096)
+    if head[:6] == NPY_MAGIC:
+        arr = _open_npy(path)
         if arr.dtype != SUBSET_DTYPE:
             raise BadSubset(
                 f"{path}: dtype {arr.dtype.descr} is not the subset dtype "
@@ -115,11 +154,19 @@ def open_subset(path: str | os.PathLike, check_sorted: bool = True) -> np.ndarra
             raise BadSubset(f"{path}: shape {arr.shape} is not one-dimensional")
     else:
         size = path.stat().st_size
+        if raw is False:
+            raise BadSubset(f"{path}: not a .npy file (no .npy magic)")
         if size % SUBSET_DTYPE.itemsize:
             raise BadSubset(
                 f"{path}: neither a .npy file nor a raw u8,u8 memmap "
                 f"({size} bytes is not a multiple of 16)"
             )
+        if raw is None and size == 0:
+            raise BadSubset(f"{path}: empty file (0 bytes): neither a .npy file nor a raw u8,u8 memmap "
+                            f"(an empty subset is a .npy with 0 records)")
+        if raw is None and _looks_like_text(head):
+            raise BadSubset(f"{path}: neither a .npy file nor a raw u8,u8 memmap (its bytes are text; "
+                            f"raw subsets are read only when they are not all printable)")
         if size == 0:
             arr = np.empty(0, dtype=SUBSET_DTYPE)
         else:
@@ -179,7 +226,7 @@ def subset_info(path: str | os.PathLike) -> SubsetInfo:
     with open(path, "rb") as f:
         is_npy = f.read(6) == NPY_MAGIC
     if is_npy:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        arr = _open_npy(path)  # header parsed without unpickling; size checked against it
         fmt = "npy"
     else:
         arr = open_subset(path, check_sorted=False)

@@ -33,6 +33,8 @@ def package_of(module: str) -> str:
     parts = module.split(".")
     if len(parts) == 1:
         return "core"  # curate/__init__.py
+    if module == "curate.__main__":
+        return "cli"  # `python -m curate` is the command line
     if (PKG / parts[1]).is_dir():
         return parts[1]
     return "core"

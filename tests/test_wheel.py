@@ -79,7 +79,7 @@ def test_bundled_filter_by_name_from_any_directory(wheel_venv, tmp_path):
     _run(wheel_venv, "curate", "run", "clip_score_l14_30pct", "--catalog", str(cat), "-o", "out.npy")
     work = wheel_venv[1]
     expected = tmp_path / "repo.npy"
-    subprocess.run([sys.executable, "-m", "curate.cli.main", "run", str(REPO / "filters" / "clip_score_l14_30pct.sql"),
+    subprocess.run([sys.executable, "-m", "curate", "run", str(REPO / "filters" / "clip_score_l14_30pct.sql"),
                     "--catalog", str(cat), "-o", str(expected)], check=True, capture_output=True, cwd=REPO)
     assert (work / "out.npy").read_bytes() == expected.read_bytes()
     man = json.loads((work / "out.json").read_text())

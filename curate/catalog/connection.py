@@ -18,12 +18,15 @@ import contextlib
 import datetime as _dt
 import os
 import re
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
 
 from curate import __version__, resources
+from curate.catalog.checks import check_duplicate_uids, check_can_create, check_npz, check_output_file, check_uids
 from curate.catalog.schema import IGNORED_FILES, POOL_COLUMNS, check_columns, extra_columns, read_footer
 from curate.errors import CurateError
 
@@ -31,6 +34,10 @@ SQL_DIR = resources.sql_dir()
 EXAMPLE_CATALOG = resources.example_catalog()
 
 _IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+#: DuckDB's message when another process holds the catalog file's lock
+_LOCK_RE = re.compile(r"Conflicting lock is held in (.*?) \(PID (\d+)\)")
+#: how long opening a catalog waits for another process's lock (seconds; $CURATE_LOCK_WAIT)
+LOCK_WAIT_S = 60.0
 
 
 class CatalogError(CurateError):
@@ -154,10 +161,17 @@ def init_catalog(
     relative: bool = False,
     overwrite: bool = False,
     features_dir: str | os.PathLike | None = None,
+    allow_duplicate_uids: bool = False,
+    check_npz_files: bool = True,
+    check_uid_values: bool = True,
 ) -> Path:
     """Create a catalog over a DataComp pool (``pool/metadata``, ``pool/shards``).
 
-    The file is written under a temporary name and renamed when complete.
+    Besides the schema, the pool's uids (32 hex digits, none in two files unless
+    ``allow_duplicate_uids``) and its npz files are checked (:mod:`curate.catalog.checks`;
+    ``check_uid_values``/``check_npz_files`` = False only to test the later readers' own
+    checks). The file is written under a temporary name and renamed when complete; its
+    directory is created if missing.
     """
     catalog = Path(catalog).resolve()
     if pool is None and metadata is None:
@@ -166,6 +180,12 @@ def init_catalog(
     shards_dir = Path(shards) if shards else (Path(pool) / "shards" if pool else None)
     check_new_catalog(catalog, overwrite)
     files, extra = scan_metadata(metadata_dir)
+    if check_uid_values:
+        check_uids([f.path for f in files], CatalogError)
+    if not allow_duplicate_uids:
+        check_duplicate_uids([f.path for f in files], CatalogError)
+    if check_npz_files:
+        check_npz([(f.npz, f.num_rows) for f in files if f.npz is not None], CatalogError)
     base = catalog.parent
 
     def stored(p: Path | None) -> str | None:
@@ -204,6 +224,9 @@ def init_catalog(
 def check_new_catalog(catalog: str | os.PathLike, overwrite: bool = False) -> None:
     """Refuse to create ``catalog`` over an existing file unless ``overwrite`` (commands that
     build a pool first call it before the long work, not after)."""
+    if Path(catalog).is_dir():
+        raise CatalogError(f"{catalog}: is a directory, not a catalog file")
+    check_can_create(catalog, CatalogError, "catalog")
     if Path(catalog).exists() and not overwrite:
         raise CatalogError(f"{catalog}: already exists (use --overwrite to replace it)")
 
@@ -212,20 +235,62 @@ def check_new_catalog(catalog: str | os.PathLike, overwrite: bool = False) -> No
 def building_catalog(catalog: Path):
     """A connection to a new catalog file with curate's tables, written under a temporary
     name and renamed to ``catalog`` only when the block succeeds (nothing is left on failure)."""
+    check_output_file(catalog, CatalogError, "catalog")
     tmp = catalog.with_name(f".{catalog.name}.{os.getpid()}.tmp")
     leftovers = (tmp, Path(str(tmp) + ".wal"))
     for leftover in leftovers:
         leftover.unlink(missing_ok=True)
     try:
-        con = duckdb.connect(str(tmp))
+        try:
+            con = duckdb.connect(str(tmp))
+        except duckdb.Error as e:
+            raise CatalogError(f"{catalog}: cannot write the catalog ({str(e).splitlines()[0]})") from None
         con.execute(CATALOG_TABLES_DDL)
         yield con
         con.close()
-        os.replace(tmp, catalog)
+        try:
+            os.replace(tmp, catalog)
+        except OSError as e:
+            raise CatalogError(f"{catalog}: cannot write the catalog ({e.strerror or e})") from None
     except BaseException:
         for leftover in leftovers:
             leftover.unlink(missing_ok=True)
         raise
+
+
+def _lock_wait_s() -> float:
+    try:
+        return max(0.0, float(os.environ.get("CURATE_LOCK_WAIT", LOCK_WAIT_S)))
+    except ValueError:
+        raise CurateError(f"CURATE_LOCK_WAIT={os.environ['CURATE_LOCK_WAIT']!r}: expected a number of seconds") from None
+
+
+def open_catalog_file(path: str | os.PathLike, read_only: bool = True) -> duckdb.DuckDBPyConnection:
+    """``duckdb.connect`` on a catalog file, waiting (with backoff, up to ``$CURATE_LOCK_WAIT``
+    seconds, default :data:`LOCK_WAIT_S`) while another process holds its lock: e.g. a second
+    ``curate run`` that registers a feature table the first is building. Still locked after that:
+    one line naming the catalog and the process holding it."""
+    deadline = time.monotonic() + _lock_wait_s()
+    delay, told = 0.05, False
+    while True:
+        try:
+            return duckdb.connect(str(path), read_only=read_only)
+        except duckdb.IOException as e:
+            m = _LOCK_RE.search(str(e))
+            if not m:
+                raise
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise CatalogError(
+                    f"{path}: locked by another process ({m.group(1)}, PID {m.group(2)}); wait for it to "
+                    f"finish, or close it if it is a DuckDB shell or notebook holding the catalog open, "
+                    f"then re-run") from None
+            if not told:
+                print(f"{path}: waiting for process {m.group(2)} ({m.group(1)}) to release the catalog "
+                      f"(up to {_lock_wait_s():.0f}s)", file=sys.stderr)
+                told = True
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, 2.0)
 
 
 def default_catalog() -> Path:
@@ -244,7 +309,7 @@ def connect(catalog: str | os.PathLike | None = None, read_only: bool = True) ->
     if not path.is_file():
         raise CatalogError(f"{path}: catalog not found (create one with `curate catalog init`)")
     try:
-        con = duckdb.connect(str(path), read_only=read_only)
+        con = open_catalog_file(path, read_only=read_only)
     except duckdb.Error as e:
         raise CatalogError(f"{path}: cannot open as a DuckDB catalog ({e})") from None
     try:
@@ -312,7 +377,10 @@ def register_parquet_view(catalog: str | os.PathLike, name: str, files: list[str
     if not _IDENT_RE.match(name):
         raise CatalogError(f"{name!r} is not a valid view name")
     catalog = Path(catalog) if catalog else default_catalog()
-    con = duckdb.connect(str(catalog))
+    try:
+        con = open_catalog_file(catalog, read_only=False)
+    except duckdb.Error as e:
+        raise CatalogError(f"{catalog}: cannot open the catalog for writing ({str(e).splitlines()[0]})") from None
     try:
         relative = catalog_meta(con).get("paths") == "relative"
         base = catalog.resolve().parent
@@ -354,3 +422,53 @@ def catalog_summary(catalog: str | os.PathLike | None = None) -> dict:
         return describe_catalog(con)
     finally:
         con.close()
+
+
+# -- the filter sandbox -------------------------------------------------------------------------
+
+def _list_literal(values) -> str:
+    return "[" + ", ".join(sql_literal(v) for v in values) + "]"
+
+
+def sandbox(con, allowed_paths=(), allowed_directories=()) -> None:
+    """Lock ``con`` down for running a filter someone else wrote: it may read only
+    ``allowed_paths`` (files) and what lies under ``allowed_directories`` (local directories or
+    ``s3://bucket/prefix/`` URLs); no other file, no network, no extension installed or loaded,
+    and no setting changed afterwards (``lock_configuration``). Views and registered Arrow
+    tables created before keep working when their files are allowed; set other options first.
+    """
+    dirs = []
+    for d in allowed_directories:
+        d = str(d)
+        dirs.append(d if d.endswith("/") else d + "/")
+    con.execute(f"SET allowed_directories = {_list_literal(dirs)}")
+    con.execute(f"SET allowed_paths = {_list_literal(str(p) for p in allowed_paths)}")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET autoinstall_known_extensions = false")
+    con.execute("SET autoload_known_extensions = false")
+    con.execute("SET lock_configuration = true")
+
+
+def catalog_read_paths(con, catalog: str | os.PathLike | None = None) -> tuple[list[str], list[str]]:
+    """What the open catalog ``con`` points at, as ``(files, directories)`` for :func:`sandbox`:
+    every pool parquet and ``.npz``, every file of a registered parquet view (``curate_views``),
+    and the metadata and features directories. Relative entries are resolved against the
+    catalog's directory; URLs are kept as they are."""
+    cat = Path(catalog) if catalog else default_catalog()
+    base = cat.resolve().parent
+
+    def absolute(p: str | None) -> str | None:
+        if p is None:
+            return None
+        if "://" in p or Path(p).is_absolute():
+            return p
+        return str(base / p)
+
+    files: list[str] = []
+    for path, npz in con.execute("SELECT path, npz FROM pool_files").fetchall():
+        files += [p for p in (absolute(path), absolute(npz)) if p]
+    for (paths,) in con.execute("SELECT paths FROM curate_views").fetchall():
+        files += [absolute(p) for p in paths or ()]
+    meta = catalog_meta(con)
+    dirs = [absolute(meta[k]) for k in ("metadata_dir", "features_dir") if meta.get(k)]
+    return files, dirs

@@ -29,7 +29,9 @@ def catalog_group():
 @click.option("--shards", type=click.Path(file_okay=False, path_type=Path), help="Shards dir (default POOL/shards).")
 @click.option("--relative", is_flag=True, help="Store paths relative to the catalog (for catalogs shipped with their data).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing catalog file.")
-def catalog_init_cmd(catalog, pool, metadata, shards, relative, overwrite):
+@click.option("--allow-duplicate-uids", is_flag=True,
+              help="Accept a uid that is in two pool files (refused by default: it doubles the sample in every subset).")
+def catalog_init_cmd(catalog, pool, metadata, shards, relative, overwrite, allow_duplicate_uids):
     """Create CATALOG over a DataComp pool.
 
     \b
@@ -37,7 +39,8 @@ def catalog_init_cmd(catalog, pool, metadata, shards, relative, overwrite):
       curate catalog init small.duckdb --pool /data/datacomp_small
     """
     t0 = time.perf_counter()
-    path = init_catalog(catalog, pool=pool, metadata=metadata, shards=shards, relative=relative, overwrite=overwrite)
+    path = init_catalog(catalog, pool=pool, metadata=metadata, shards=shards, relative=relative, overwrite=overwrite,
+                        allow_duplicate_uids=allow_duplicate_uids)
     d = catalog_summary(path)
     click.echo(f"wrote {path}: {d['rows']:,} samples in {d['files']} parquet files ({d['npz']} with .npz) "
                f"in {time.perf_counter() - t0:.2f}s")
@@ -94,6 +97,8 @@ def subset_info_cmd(file):
     info = subset_info(file)
     for line in info.lines():
         click.echo(line)
+    if info.count == 0:
+        click.echo(f"warning: {file}: empty subset (0 uids); resharding it is an error", err=True)
     if not (info.sorted and info.dtype_ok):
         sys.exit(1)
 

@@ -18,11 +18,13 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 
 import click
 
+from curate.catalog.connection import default_catalog
 from curate.engine import Engine
 from curate.errors import CurateError
 from curate.storage import parse_storage_options
@@ -32,6 +34,15 @@ CATALOG_HELP = "Catalog file (default: $CURATE_CATALOG or the bundled catalog.du
 
 def progress() -> bool:
     return sys.stderr.isatty()
+
+
+def catalog_used(catalog) -> str:
+    """How a summary line names the catalog a command ran on (saying when it was the default)."""
+    if catalog is not None:
+        return str(catalog)
+    if os.environ.get("CURATE_CATALOG"):
+        return f"{os.environ['CURATE_CATALOG']} ($CURATE_CATALOG)"
+    return f"{default_catalog()} (the bundled example; pass -c FILE or set CURATE_CATALOG)"
 
 
 def catalog_option(positional: bool = False, required: bool = False, help: str | None = None):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from curate.cli.options import catalog_option, engine_options, progress
+from curate.cli.options import catalog_option, catalog_used, engine_options, progress
 from curate.run import run_filter
 from curate.run.lint import lint_filter
 from curate.run.query import bundled_filters, parse_sets
@@ -39,7 +39,11 @@ def run_cmd(filter_file, catalog, out, sets, engine):
                           for t in res.thresholds])
     click.echo(f"{filter_file}: kept {res.count:,} of {res.pool_rows:,} samples ({pct:.2f}%), "
                f"{res.distinct:,} distinct uids" + (f" [{params}]" if params else ""))
+    click.echo(f"on catalog {catalog_used(catalog)}")
     click.echo(f"wrote {res.out} and {res.manifest} in {res.elapsed:.2f}s")
+    if res.count == 0:
+        click.echo(f"warning: {filter_file}: the filter kept no samples of {res.pool_rows:,}; "
+                   f"the subset {res.out} is empty", err=True)
 
 
 @click.command("lint")

@@ -35,14 +35,17 @@ from curate.shards.verify import verify_dir
 @click.option("--inject-blur-metadata", is_flag=True, help="Write face_bboxes into each sample's json.")
 @catalog_option(help="Catalog whose shard index covers the input (from `curate shards index`); "
                      "also the source of face boxes for --apply-blur.")
-@click.option("--overwrite", is_flag=True, help="Replace the contents of a non-empty output dir.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier reshard output: the new one is built beside "
+              "it and swapped in when complete; a directory holding files reshard did not write is refused.")
 @engine_options("one task per output shard", workers=True, workers_help="Worker processes (default: all cores).")
 def reshard_cmd(inputs, output_dir, subset_file, shard_size, cls_file, apply_blur, inject_blur_metadata,
                 catalog, overwrite, engine):
     """Write webdataset shards holding exactly the samples of a subset file.
 
     Only input shards holding selected samples are read (planned from the shard index). A
-    killed run resumes when given the same command; completed output shards are kept.
+    killed run resumes when given the same command; completed output shards are kept. Only data
+    members (images, txt, json, cls) are copied; others (pyd, pickle, pth, ...) are dropped and
+    counted. The output may not be, contain or lie inside an input.
 
     \b
     Example:
@@ -84,7 +87,8 @@ def shards_index_cmd(catalog, shards, workers):
     click.echo(f"{r.root}: {r.samples:,} samples in {r.tars} tars ({r.scanned} scanned now) "
                f"indexed in {catalog} in {time.perf_counter() - t0:.2f}s")
     if r.truncated:
-        click.echo(f"  {len(r.truncated)} truncated tars (incomplete last sample left out): {', '.join(r.truncated[:5])}")
+        click.echo(f"  {len(r.truncated)} truncated tars (cut inside a member or missing the end-of-archive "
+                   f"blocks; last sample left out): {', '.join(r.truncated[:5])}")
     if r.without_stats:
         click.echo(f"  {len(r.without_stats)} tars without _stats.json: {', '.join(r.without_stats[:5])}")
     if r.no_uid:

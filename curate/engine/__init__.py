@@ -10,6 +10,11 @@ list to :func:`map_tasks`; the :class:`Engine` it was given decides where they r
 * ``Engine(kind="ray", address=...)``: Ray tasks (:mod:`curate.engine.ray`), retried when a
   worker dies, a :class:`~curate.errors.CurateError` re-raised on the driver as itself.
 
+Local worker processes die with the process that started them: on Linux each asks the kernel
+for SIGKILL when its parent exits (``prctl(PR_SET_PDEATHSIG)``), and everywhere a watchdog
+thread exits the worker once its parent is gone, so a ``kill -9`` of a command leaves no worker
+computing (and holding memory) for nobody.
+
 Results come back in task order whatever the engine, and tasks write their outputs atomically,
 so a retried or re-run task gives the same bytes: a killed run resumes by skipping finished
 outputs (the step's own check, e.g. "this pool file's parquet exists and is current").
@@ -21,8 +26,14 @@ local filter runner) ask :attr:`Engine.distributed` once, in one place.
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
+import os
 import queue
+import signal
+import sys
+import threading
+import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
@@ -85,9 +96,45 @@ def as_engine(engine: Engine | str | None, *, workers: int | None = None, addres
 _UNITS = None
 
 
-def _init_worker(q) -> None:
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _watch_parent(parent: int, interval: float) -> None:
+    while True:
+        time.sleep(interval)
+        if os.getppid() != parent:
+            os._exit(1)
+
+
+def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
+    """Ask the kernel to send ``sig`` to this process when its parent exits (Linux only; also
+    usable as a ``subprocess`` ``preexec_fn``: it survives exec). False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):  # no libc prctl
+        return False
+
+
+def die_with_parent(parent: int, interval: float = 1.0) -> None:
+    """Make this process exit when process ``parent`` (its parent) does, however it ends.
+
+    Linux: the kernel sends SIGKILL when the parent exits (``PR_SET_PDEATHSIG``); on any system a
+    daemon thread polls ``os.getppid()``. A parent already gone (before this call) exits at once.
+    """
+    set_parent_death_signal(signal.SIGKILL)  # where unsupported, the watchdog still works
+    if os.getppid() != parent:
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent, interval), daemon=True,
+                     name="curate-parent-watchdog").start()
+
+
+def _init_worker(q, parent: int | None = None) -> None:
     global _UNITS
     _UNITS = q
+    if parent is not None:
+        die_with_parent(parent)
 
 
 def _call_with_units(fn, args):
@@ -156,7 +203,7 @@ def _processes(fn, items, workers: int, bar, weights, units: bool, start: str) -
     ctx = mp.get_context(start)
     q = ctx.Queue() if units else None
     call = _call_with_units if units else _call
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(q,)) as ex:
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(q, os.getpid())) as ex:
         futures = [None] * len(items)
         nxt = 0
         limit = workers * 2  # bounded look-ahead: results are yielded in order

@@ -36,6 +36,7 @@ killed build resumes after the last complete shard.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import hashlib
@@ -58,6 +59,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from curate.atomic import atomic_path, write_json
+from curate.catalog.checks import check_can_create, make_dir
 from curate.catalog.schema import POOL_COLUMNS, POOL_SCHEMA
 from curate.errors import CurateError
 from curate.shards.tar import TarWriter
@@ -166,7 +168,26 @@ def iter_table(path: str | os.PathLike, schema: pa.Schema, start_row: int = 0):
                 yield from _clip(row, part, start_row)
                 row += part.num_rows
     except pa.ArrowInvalid as e:
+        where = _ragged_row(path, "\t" if kind == "tsv" else ",", len(schema.names)) if kind != "parquet" else None
+        if where is not None:
+            raise PoolBuildError(f"{path}: {where}") from None
         raise PoolBuildError(f"{path}: cannot parse the table after data row {row} ({e})") from None
+
+
+def _ragged_row(path: Path, delimiter: str, n_cols: int) -> str | None:
+    """After a CSV parse error: the first data row whose field count is not the header's, as
+    "cannot parse the table at row R (line L): ..." (None when every row has M fields)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f, delimiter=delimiter)
+            next(reader, None)
+            for i, fields in enumerate(reader):
+                if fields and len(fields) != n_cols:
+                    return (f"cannot parse the table at row {i} (line {reader.line_num}): {len(fields)} "
+                            f"fields, the header has {n_cols}")
+    except (csv.Error, UnicodeDecodeError, OSError):
+        return None
+    return None
 
 
 def _clip(row: int, batch: pa.RecordBatch, start_row: int):
@@ -593,6 +614,9 @@ def plan_build(table: str | os.PathLike, out: str | os.PathLike, image_col: str,
 def _prepare_out(plan: BuildPlan) -> None:
     """Refuse an ``out`` holding something else (another pool, other files); create its dirs."""
     out, manifest = plan.out, plan.manifest
+    if out.exists() and not out.is_dir():
+        raise PoolBuildError(f"{out}: exists and is not a directory")
+    check_can_create(out, PoolBuildError, "pool directory")
     if manifest.is_file():
         try:
             previous = json.loads(manifest.read_text())
@@ -604,8 +628,33 @@ def _prepare_out(plan: BuildPlan) -> None:
                                  f"({', '.join(diff)} differ); use another --out or remove it")
     elif out.exists() and any(p.name != SOURCE_DIR for p in out.iterdir()):
         raise PoolBuildError(f"{out}: exists and is not empty (not a pool this command started)")
-    (out / "shards").mkdir(parents=True, exist_ok=True)
-    (out / "metadata").mkdir(parents=True, exist_ok=True)
+    make_dir(out / "shards", PoolBuildError, "pool directory")
+    make_dir(out / "metadata", PoolBuildError, "pool directory")
+
+
+#: What a pool build writes (and so may remove again): ``{S:08d}`` files and their temp names.
+_BUILD_FILE = re.compile(r"\.?\d{8}(\.tar|\.parquet|_stats\.json)(\.[^/]*)?\.tmp\Z|\d{8}(\.tar|\.parquet|_stats\.json)\Z")
+
+
+def _remove_build(out: Path, out_existed: bool) -> None:
+    """Remove what builds into ``out`` wrote (``pool.json`` and the numbered shard, metadata and
+    failure files; nothing else), then the directories left empty; ``out`` itself only if this
+    run created it. A build that failed on its input can then be re-run on the corrected table."""
+    for sub in ("shards", "metadata", FAILURES_DIR):
+        d = out / sub
+        if not d.is_dir():
+            continue
+        for p in d.iterdir():
+            if p.is_file() and _BUILD_FILE.match(p.name):
+                p.unlink()
+        with contextlib.suppress(OSError):
+            d.rmdir()
+    for p in out.glob(".pool.json.*.tmp"):
+        p.unlink()
+    (out / "pool.json").unlink(missing_ok=True)
+    if not out_existed:
+        with contextlib.suppress(OSError):
+            out.rmdir()
 
 
 def _result_so_far(out: Path, start_row: int, done: list[dict]) -> BuildResult:
@@ -756,6 +805,7 @@ def build_pool(
     """
     t0 = time.perf_counter()
     plan = plan_build(table, out, image_col, caption_col, time_col, time_format, url_col, image_root, columns)
+    out_existed = plan.out.exists()
     _prepare_out(plan)
     shard, start_row, done = _resume_point(plan.out)
     result = _result_so_far(plan.out, start_row, done)
@@ -763,13 +813,20 @@ def build_pool(
         result.rows, result.shards, result.already_complete = done[-1]["input_end"], len(done), True
         result.seconds = time.perf_counter() - t0
         return _check_not_empty(result, plan.table)
-    write_json(plan.manifest, {"settings": plan.settings, "complete": False})
-    _write_shards(plan, shard, start_row, result, workers, progress)
-    _count_shards(plan.out, result)
-    result.seconds = time.perf_counter() - t0
-    write_json(plan.manifest, {"settings": plan.settings, "complete": True, "rows": result.rows,
-                               "samples": result.samples, "shards": result.shards, "failed": result.failed})
-    return _check_not_empty(result, plan.table)
+    try:
+        write_json(plan.manifest, {"settings": plan.settings, "complete": False})
+        _write_shards(plan, shard, start_row, result, workers, progress)
+        _count_shards(plan.out, result)
+        result.seconds = time.perf_counter() - t0
+        _check_not_empty(result, plan.table)
+        write_json(plan.manifest, {"settings": plan.settings, "complete": True, "rows": result.rows,
+                                   "samples": result.samples, "shards": result.shards, "failed": result.failed})
+    except CurateError:
+        # the table itself stops the build (a bad row, no readable image): it would stop there
+        # again, so the partial pool is of no use; remove it so that the corrected table builds
+        _remove_build(plan.out, out_existed)
+        raise
+    return result
 
 
 def _check_not_empty(result: BuildResult, table: Path) -> BuildResult:

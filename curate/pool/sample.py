@@ -26,6 +26,7 @@ import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from curate.catalog.checks import make_dir
 from curate.shards.tar import write_tar
 from curate.uids import pairs_to_hex_array
 
@@ -270,9 +271,9 @@ def generate_pool(out: str | Path, files: int = 2, rows_per_file: int = 1000, se
     """Write a CommonPool-format pool to ``out`` (``metadata/`` and, optionally, ``shards/``)."""
     out = Path(out)
     meta_dir = out / "metadata"
-    meta_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(meta_dir, what="pool directory")
     if shards:
-        (out / "shards").mkdir(parents=True, exist_ok=True)
+        make_dir(out / "shards", what="pool directory")
     rng = np.random.default_rng(seed)
     dims = {"b32": 512, "l14": 768}
     centers = {k: rng.normal(0, 1, (len(CONCEPTS), d)) / np.sqrt(d) for k, d in dims.items()}

@@ -1,6 +1,7 @@
 """Static and bind-time checks of a filter file against a catalog's schema.
 
-The filter is loaded and prepared like a run (:mod:`curate.run.query`), without building
+The filter is never run: every statement it may not hold is reported (:func:`curate.run.query.split_filter`),
+then it is prepared like a run (:mod:`curate.run.query`) on the sandboxed connection, without building
 feature tables. sqlglot parses the filter's query and qualifies every column against the
 catalog's tables and views (so a misspelt column is reported by name with the tables it could
 have come from); DuckDB then binds the query without running it, which catches what sqlglot
@@ -14,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from curate.features.registry import PRODUCERS
-from curate.run.query import FilterError, check_uid_column, open_filter
+from curate.run.query import FilterError, check_uid_column, open_filter, split_filter
 
 
 @dataclass
@@ -43,8 +44,13 @@ def _schema(con) -> dict:
 def lint_filter(path, catalog=None) -> LintReport:
     """Check the filter ``path`` (a file or a bundled filter's name) against ``catalog``."""
     report = LintReport(str(path))
+    flt, problems = split_filter(path)  # every statement a filter may not hold, each one line
+    report.errors.extend(problems)
+    if flt is None or not flt.query_ok:
+        return report
     try:
-        opened = open_filter(path, catalog, features=False)
+        # the allowed statements only, on the sandboxed connection; nothing is built or written
+        opened = open_filter(flt, catalog, features=False)
     except FilterError as e:
         report.errors.append(str(e))
         return report
@@ -55,7 +61,7 @@ def lint_filter(path, catalog=None) -> LintReport:
         if pending is None or pending:  # a syntax error; or views DuckDB cannot bind before they exist
             return report
         try:
-            check_uid_column(con, opened.query, path)
+            check_uid_column(con, opened.query, path)  # binds (prepares) the query; never runs it
         except FilterError as e:
             report.errors.append(str(e))
     finally:

@@ -26,9 +26,9 @@ import duckdb
 import numpy as np
 
 from curate import storage
-from curate.catalog.connection import catalog_meta, create_views, parquet_view_sql, sql_identifier, sql_literal
+from curate.catalog.connection import catalog_meta, create_views, parquet_view_sql, sandbox, sql_identifier, sql_literal
 from curate.errors import CurateError
-from curate.run.query import locate_bad_uid, one_line, substitute_subsets
+from curate.run.query import denied_path, filter_error, locate_bad_uid, one_line, substitute_subsets
 from curate.run.ray_threshold import partition_histogram, score_batches
 from curate.subset import NPY_HEADER_LEN
 from curate.uids import SUBSET_DTYPE, BadUid, hex_array_to_records, sort_records
@@ -141,6 +141,8 @@ def open_partition(ctx: PoolContext, file_id: int) -> duckdb.DuckDBPyConnection:
     for name, typ, value in ctx.variables:
         # name and type were checked against identifier/type patterns; the value is bound
         con.execute(f"SET VARIABLE {name} = CAST(? AS {typ})", [value])
+    # the filter reads this pool file and the feature views' files, nothing else (docs/safety.md)
+    sandbox(con, [row[2], *(p for v in ctx.views for p in v[2])])
     return con
 
 
@@ -179,6 +181,8 @@ def filter_partition(ctx: PoolContext, file_id: int, query: str, params: dict, f
                 except BadUid as e:
                     raise locate_bad_uid(con, e, Path(filter_name)) from None
         except duckdb.Error as e:
+            if denied_path(e) is not None:
+                raise filter_error(filter_name, e) from None
             raise CurateError(f"{filter_name}: on pool file {row[2]}: {one_line(e)}") from None
     finally:
         con.close()

@@ -11,11 +11,15 @@ The steps, in order (:func:`open_filter` runs the first three):
 
 1. :func:`load_filter`: read the file (a path, or a bundled filter by name:
    :func:`curate.resources.filter_file`) and split it into its setup statements and its query;
+   anything but ``SET VARIABLE name = <constant>`` lines and one query is refused here, before
+   anything runs (:func:`split_filter`);
 2. :func:`build_features`: build the feature views the filter reads that are missing or stale,
    and describe them for the manifest. Producers write to the catalog, so this comes first,
    before the catalog is opened for reading;
-3. :func:`curate.catalog.connection.connect` and :func:`prepare`, once: the setup statements,
-   the ``--set`` overrides and ``read_subset()`` replaced by registered tables;
+3. :func:`curate.catalog.connection.connect`, :func:`sandbox_catalog` (the connection reads
+   only what the catalog points at, its configuration locked: docs/safety.md) and
+   :func:`prepare`, once: the setup statements, the ``--set`` overrides (type-checked) and
+   ``read_subset()`` replaced by registered tables;
 4. :func:`precompute_thresholds` (the local engines; Ray computes them across partitions) and
    :func:`check_uid_column`: the query binds and returns exactly one VARCHAR column ``uid``.
 
@@ -34,16 +38,21 @@ from typing import Callable
 import duckdb
 
 from curate import resources
-from curate.catalog.connection import connect, default_catalog
+from curate.catalog.connection import catalog_read_paths, connect, default_catalog, sandbox
+from curate.catalog.schema import POOL_COLUMNS, read_footer
 from curate.errors import CurateError
 from curate.features.registry import ensure_features, needed_producers, producer
-from curate.run.thresholds import extract_fraction_thresholds
+from curate.run.thresholds import VARIABLE_PREFIX, extract_fraction_thresholds
 from curate.sqltokens import tokenize
 from curate.subset import subset_to_arrow
 from curate.uids import BadUid
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _SET_VARIABLE = re.compile(r"^\s*SET\s+VARIABLE\s+([A-Za-z_][A-Za-z0-9_]*)", re.IGNORECASE)
+_TYPE = re.compile(r"[A-Za-z0-9_(), \[\]]+\Z")
+_DENIED_PATH = re.compile(r'Cannot access (?:file|directory) "([^"]*)"')
+#: where the sandbox rules are written down, named in every refusal
+SANDBOX_DOC = "filters are sandboxed: docs/safety.md"
 
 
 class FilterError(CurateError):
@@ -96,6 +105,7 @@ class FilterFile:
     setup: list[str]  # statements before the query (SET VARIABLE ...)
     query: str
     params: list[str] = field(default_factory=list)
+    query_ok: bool = True  # False: the last statement is not a query (:func:`split_filter` says why)
 
     @property
     def sha256(self) -> str:
@@ -104,27 +114,199 @@ class FilterFile:
 
 def load_filter(path: str | Path) -> FilterFile:
     """Read and split a filter file: ``path`` as given if it exists, else a bundled filter by name
-    (``clip_score_l14_30pct``, ``tic/year``). Needs no catalog."""
+    (``clip_score_l14_30pct``, ``tic/year``). Needs no catalog. A statement a filter may not hold
+    (:func:`check_filter_text`) is a :class:`FilterError` before anything runs."""
+    flt, problems = split_filter(path)
+    if problems:
+        raise FilterError(problems[0])
+    return flt
+
+
+#: the first word of the one query a filter holds (SELECT / WITH / VALUES / FROM-first / a
+#: parenthesised set operation)
+_QUERY_WORDS = {"select", "with", "values", "from", "("}
+#: words that make a SET VARIABLE value read something (a subquery), so not a constant
+_QUERY_KEYWORDS = {"select", "from", "with", "values", "table", "pivot", "unpivot", "describe", "summarize",
+                   "show", "union", "except", "intersect"}
+_NOT_ALLOWED = "is not allowed in a filter: a filter holds SET VARIABLE lines and one query"
+
+
+def split_filter(path: str | Path) -> tuple[FilterFile | None, list[str]]:
+    """:func:`load_filter` without raising: the file split into its statements, and every problem
+    found (each one line naming the file and the statement); the file is None when it cannot be
+    split at all (missing, a syntax error, no statement)."""
     path = resources.filter_file(path)
     if not path.is_file():
-        raise FilterError(f"{path}: filter file not found")
-    text = path.read_text()
+        return None, [f"{path}: filter file not found"]
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        return None, [f"{path}: cannot read the filter file ({e})"]
     try:
         statements = duckdb.extract_statements(text)
     except duckdb.Error as e:
-        raise FilterError(f"{path}: {one_line(e)}") from None
+        return None, [f"{path}: {one_line(e)}"]
     if not statements:
-        raise FilterError(f"{path}: no SQL statement in the file")
-    *setup, last = statements
-    if last.type != duckdb.StatementType.SELECT:
-        raise FilterError(f"{path}: the last statement must be a query returning a `uid` column")
-    setup_sql = [s.query for s in setup]
-    params = [m.group(1) for q in setup_sql if (m := _SET_VARIABLE.match(_strip_comments(q)))]
-    return FilterFile(path, text, setup_sql, last.query, params)
+        return None, [f"{path}: no SQL statement in the file"]
+    pieces = _statement_texts(text)
+    if len(pieces) != len(statements):  # not expected: fall back to DuckDB's (normalised) texts
+        pieces = [s.query for s in statements]
+    problems = []
+    params: list[str] = []
+    setup_sql = []  # the statements before the query that are allowed
+    query_ok = True
+    for n, (stmt, piece) in enumerate(zip(statements, pieces), 1):
+        last = n == len(statements)
+        problem = (_query_problem(stmt, piece, params) if last else _setup_problem(piece, params))
+        if problem:
+            problems.append(f"{path}: statement {n} ({_first_words(piece)}) {problem}")
+            query_ok = query_ok and not (last and problem.startswith("is not allowed"))
+        elif not last:
+            setup_sql.append(piece)
+    return FilterFile(path, text, setup_sql, pieces[-1], params, query_ok), problems
+
+
+def check_filter_text(path) -> list[str]:
+    """Every statement of the filter ``path`` that a filter may not hold, one line each."""
+    return split_filter(path)[1]
+
+
+def _statement_texts(text: str) -> list[str]:
+    """The file's statements as written (split at top-level ``;``), empty ones dropped."""
+    tokens = tokenize(text)
+    out, start, seen = [], 0, False
+    for t in tokens:
+        if t.is_op(";"):
+            if seen:
+                out.append(text[start:t.start].strip())
+            start, seen = t.end, False
+        else:
+            seen = True
+    if seen:
+        out.append(text[start:].strip())
+    return out
+
+
+def _first_words(sql: str, n: int = 4, width: int = 40) -> str:
+    """The start of a statement, for a message: its first ``n`` words, at most ``width`` characters."""
+    words = _strip_comments(sql).split()
+    head = " ".join(words[:n])
+    if len(head) > width:
+        return head[: width - 4].rstrip() + " ..."
+    return head + (" ..." if len(words) > n else "")
+
+
+def _query_problem(stmt, piece: str, params: list[str]) -> str | None:
+    tokens = tokenize(piece)
+    first = tokens[0].value.lower() if tokens and tokens[0].value else ""
+    if stmt.type != duckdb.StatementType.SELECT or first not in _QUERY_WORDS:
+        return _NOT_ALLOWED + " (the last statement must be a query returning a `uid` column)"
+    return _undeclared(tokens, params)
+
+
+def _undeclared(tokens, params: list[str]) -> str | None:
+    """``getvariable('name')`` of a name no earlier SET VARIABLE declares (DuckDB would read NULL)."""
+    for k, t in enumerate(tokens):
+        if t.is_name("getvariable") and k + 3 < len(tokens) and tokens[k + 1].is_op("(") \
+                and tokens[k + 2].kind == "string_const" and tokens[k + 3].is_op(")"):
+            name = tokens[k + 2].value
+            if name is not None and name not in params and not name.startswith(VARIABLE_PREFIX):
+                declared = ", ".join(params) or "none"
+                return (f"reads getvariable('{name}'), but no SET VARIABLE {name} = ... declares it "
+                        f"(this filter declares: {declared})")
+    return None
+
+
+def _setup_problem(piece: str, params: list[str]) -> str | None:
+    """Why a statement before the query is not a ``SET VARIABLE name = <constant>``; the name
+    is appended to ``params`` when it is one."""
+    tokens = tokenize(piece)
+    if not (len(tokens) >= 4 and tokens[0].is_name("set") and tokens[1].is_name("variable")
+            and tokens[2].kind in ("identifier", "keyword") and tokens[2].value
+            and _IDENT.match(tokens[2].value) and (tokens[3].is_op("=") or tokens[3].is_name("to"))):
+        return _NOT_ALLOWED
+    name = tokens[2].value if piece[tokens[2].start] == '"' else piece[tokens[2].start:tokens[2].end]
+    value = tokens[4:]
+    if not value:
+        return _NOT_ALLOWED
+    for k, t in enumerate(value):
+        if t.kind == "keyword" and (t.value or "").lower() in _QUERY_KEYWORDS:
+            params.append(name)
+            return ("is not allowed in a filter: a SET VARIABLE value must be a constant, not a query "
+                    f"({t.value.upper()} ...)")
+        if t.is_name("fraction_threshold"):
+            params.append(name)
+            return ("is not allowed in a filter: a SET VARIABLE value must be a constant; "
+                    "fraction_threshold() reads the pool: use it only in the query")
+    problem = _undeclared(value, params)
+    if problem:
+        return problem
+    params.append(name)
+    return None
 
 
 def _strip_comments(sql: str) -> str:
     return re.sub(r"--[^\n]*", "", sql)
+
+
+def denied_path(e: Exception) -> str | None:
+    """The path a sandboxed connection refused to read, from DuckDB's PermissionException."""
+    if isinstance(e, duckdb.PermissionException):
+        m = _DENIED_PATH.search(str(e))
+        return m.group(1) if m else "a file"
+    return None
+
+
+def filter_error(where, e: Exception, con=None, catalog=None) -> "FilterError":
+    """A DuckDB error of a filter as one line naming ``where``: a read outside the sandbox names
+    the path; a pool view that no longer binds says the pool changed since ``catalog init``."""
+    path = denied_path(e)
+    if path is not None:
+        return FilterError(f"{where}: reads {path}, outside what the catalog points at ({SANDBOX_DOC})")
+    if con is not None and isinstance(e, (duckdb.BinderException, duckdb.IOException, duckdb.InvalidInputException)):
+        changed = pool_changed(con, catalog)
+        if changed:
+            return FilterError(f"{where}: {changed}")
+    return FilterError(f"{where}: {one_line(e)}")
+
+
+def pool_changed(con, catalog=None) -> str | None:
+    """Why the catalog's pool files no longer match what ``catalog init`` recorded (a file gone,
+    unreadable, or without a column the ``pool`` view reads); None when they still match."""
+    try:
+        con.execute("SELECT * FROM pool LIMIT 0").fetchall()
+        return None
+    except duckdb.Error:
+        pass
+    try:
+        rows = con.execute("SELECT path FROM pool_files ORDER BY file_id").fetchall()
+        extra = [r[0] for r in con.execute(
+            "SELECT value FROM curate_meta WHERE key LIKE 'extra_column:%' ORDER BY key").fetchall()]
+    except duckdb.Error:
+        return None
+    base = Path(catalog or _catalog_path(con)).resolve().parent
+    expected = [*POOL_COLUMNS, *extra]
+    problems = []
+    for (stored,) in rows:
+        if "://" in stored:
+            continue
+        path = Path(stored) if Path(stored).is_absolute() else base / stored
+        if not path.is_file():
+            problems.append(f"{path} is missing")
+            continue
+        try:
+            _, cols = read_footer(path, path)
+        except CurateError:
+            problems.append(f"{path} is not a readable parquet file")
+            continue
+        missing = [c for c in expected if c not in cols]
+        if missing:
+            problems.append(f"{path} has no column {missing[0]}")
+    if not problems:
+        return None
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return (f"the pool changed since `curate catalog init`: {problems[0]}{more}; "
+            f"re-run `curate catalog init` over the pool")
 
 
 def one_line(e: Exception) -> str:
@@ -191,8 +373,9 @@ def _set_parameters(con, flt: FilterFile, sets: dict, registered: dict) -> dict:
         try:
             con.execute(substitute_subsets(stmt, con, {}, registered))
         except duckdb.Error as e:
-            raise FilterError(f"{flt.path}: {one_line(e)}") from None
+            raise filter_error(flt.path, e) from None
     for key, val in sets.items():
+        _check_set_type(con, flt, key, val)
         con.execute(f"SET VARIABLE {key} = ?", [val])  # key checked against _IDENT and the declared names
     params = {}
     for key in flt.params:
@@ -200,6 +383,33 @@ def _set_parameters(con, flt: FilterFile, sets: dict, registered: dict) -> dict:
         # makes DuckDB import pandas (0.3 s on every run)
         params[key] = json_value(con.execute(f"SELECT getvariable('{key}')").fetchone()[0])
     return params
+
+
+_NUMERIC = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER",
+            "UBIGINT", "UHUGEINT", "FLOAT", "DOUBLE", "DECIMAL")
+
+
+def _check_set_type(con, flt: FilterFile, key: str, val) -> None:
+    """``--set key=val`` must fit the type the filter declares ``key`` with (a number for a
+    numeric default, true/false for a boolean one); a :class:`FilterError` naming both if not."""
+    declared, typ = con.execute(f"SELECT getvariable('{key}'), typeof(getvariable('{key}'))").fetchone()
+    if not _TYPE.match(typ or "") or typ in ("VARCHAR", "NULL"):
+        return
+    numeric = typ.startswith(_NUMERIC)
+    if isinstance(val, bool):
+        ok = typ == "BOOLEAN"
+    elif isinstance(val, (int, float)):
+        ok = numeric or typ == "BOOLEAN" and val in (0, 1) or not typ == "BOOLEAN"
+    else:
+        try:
+            ok = con.execute(f"SELECT TRY_CAST(? AS {typ}) IS NOT NULL", [str(val)]).fetchone()[0] and not numeric
+        except duckdb.Error:
+            ok = False
+    if not ok:
+        shown = str(val).lower() if isinstance(val, bool) else val
+        kind = "a number" if numeric else "true or false" if typ == "BOOLEAN" else f"a {typ} value"
+        raise FilterError(f"--set {key}={shown}: {key} is a {typ} parameter (declared {json_value(declared)} "
+                          f"in {flt.path}); give {kind}")
 
 
 def prepare(con, flt: FilterFile, sets: dict) -> tuple[str, dict]:
@@ -214,6 +424,7 @@ def _without_catalog(step: Callable):
     """``step(con)`` on a scratch in-memory DuckDB; None if it fails there (it needs the catalog)."""
     scratch = duckdb.connect(":memory:")
     try:
+        sandbox(scratch)  # reads nothing at all
         return step(scratch)
     except (CurateError, duckdb.Error):
         return None
@@ -253,6 +464,7 @@ def build_features(catalog, flt: FilterFile, sets: dict, progress: bool = False)
     if params is None:
         con = connect(catalog)
         try:
+            sandbox_catalog(con, catalog)
             params = prepare(con, flt, sets)[1]
         finally:
             con.close()
@@ -271,13 +483,33 @@ class OpenFilter:
     context: object = None  # what ``before_prepare`` returned
 
 
+def _catalog_path(con) -> Path:
+    """The file of the catalog ``con`` has open."""
+    found = con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchone()
+    return Path(found[0]) if found and found[0] else default_catalog()
+
+
+def sandbox_catalog(con, catalog=None) -> None:
+    """Lock ``con`` (a catalog connection) down to reading what the catalog points at:
+    :func:`curate.catalog.connection.sandbox` with :func:`catalog_read_paths` (plus DuckDB's own
+    spill directory). Every filter runs on such a connection (docs/safety.md)."""
+    files, dirs = catalog_read_paths(con, catalog or _catalog_path(con))
+    spill = con.execute("SELECT current_setting('temp_directory')").fetchone()[0]
+    if spill:
+        dirs.append(spill if "://" in spill else str(Path(spill).resolve()))
+    sandbox(con, files, dirs)
+
+
 def open_filter(filter_path, catalog=None, sets: dict | None = None, *, progress: bool = False,
-                features: bool = True, before_prepare: Callable | None = None) -> OpenFilter:
+                features: bool = True, before_prepare: Callable | None = None,
+                settings: dict | None = None) -> OpenFilter:
     """Steps 1-3: load ``filter_path``, build its feature views (unless ``features=False``),
     connect to ``catalog`` and prepare the filter there once.
 
     ``before_prepare(con)`` runs on the new connection before the setup statements (the Ray
     runner registers remote filesystems there); its result is :attr:`OpenFilter.context`.
+    ``settings`` (DuckDB options, e.g. ``enable_progress_bar``) are set next; then the
+    connection is sandboxed (:func:`sandbox_catalog`) and its configuration locked.
     """
     catalog = Path(catalog) if catalog else default_catalog()
     sets = sets or {}
@@ -286,6 +518,9 @@ def open_filter(filter_path, catalog=None, sets: dict | None = None, *, progress
     con = connect(catalog)
     try:
         context = before_prepare(con) if before_prepare else None
+        for name, value in (settings or {}).items():
+            con.execute(f"SET {name} = ?", [value])  # names are curate's own, never user input
+        sandbox_catalog(con, catalog)
         query, params = prepare(con, flt, sets)
     except BaseException:
         con.close()
@@ -325,7 +560,7 @@ def check_uid_column(con, query: str, where) -> None:
         rel = con.sql(query)
         columns, types = rel.columns, rel.types
     except duckdb.Error as e:
-        raise FilterError(f"{where}: {one_line(e)}") from None
+        raise filter_error(where, e, con) from None
     if columns != ["uid"]:
         raise FilterError(f"{where}: the query must return exactly one column named `uid`; it returns "
                           f"{', '.join(columns)}")

@@ -156,12 +156,13 @@ def _plan(filter_path, catalog, sets: dict, progress: bool, storage_options) -> 
         # the subsets itself); the calls are numbered the same way in both texts
         worker_query, _ = extract_fraction_thresholds(flt.query)
         ctx.partitioned_views = file_keyed_views(con, [v[0] for v in ctx.views])
+        fractions = _fractions(con, flt, calls)
+        # binds on the sandboxed connection first: a read outside the catalog is named as such
+        check_uid_column(con, rewritten, flt.path)
         problem = row_local_problem(rewritten, ["pool", *ctx.partitioned_views])
         if problem:
             raise FilterError(f"{flt.path}: cannot run per pool file on the ray engine: {problem}; "
                               f"use --engine local")
-        fractions = _fractions(con, flt, calls)
-        check_uid_column(con, rewritten, flt.path)
         ctx.variables = [v for v in capture_variables(con) if v[0] not in fractions]
     finally:
         con.close()

@@ -24,8 +24,8 @@ import pyarrow as pa
 from curate import __version__
 from curate.atomic import write_json
 from curate.catalog.connection import default_catalog
-from curate.run.query import (FilterError, FilterFile, check_uid_column, json_value, locate_bad_uid, one_line,
-                              open_filter, precompute_thresholds)
+from curate.run.query import (FilterFile, check_uid_column, filter_error, json_value, locate_bad_uid, open_filter,
+                              precompute_thresholds)
 from curate.subset import write_records
 from curate.uids import SUBSET_DTYPE, BadUid, hex_array_to_records, sort_records
 
@@ -59,11 +59,14 @@ def run_filter(filter_path, catalog=None, out=None, sets=None, progress=False) -
     t0 = time.perf_counter()
     catalog = Path(catalog) if catalog else default_catalog()
     out = Path(out) if out else default_out(filter_path)
-    opened = open_filter(filter_path, catalog, sets, progress=progress)
+    # DuckDB's bar writes to stdout; only show it to a person at a terminal. Let DuckDB's threads
+    # run a couple of batches ahead of the one being parsed (the default buffer of about 1 MB
+    # stalls the query after every batch or so; much larger ones cost more in page faults than
+    # they save: bench/bench_filter.py). Set before the connection is sandboxed and locked.
+    opened = open_filter(filter_path, catalog, sets, progress=progress,
+                         settings={"enable_progress_bar": bool(progress), "streaming_buffer_size": "4MB"})
     con, flt = opened.con, opened.flt
     try:
-        # DuckDB's bar writes to stdout; only show it to a person at a terminal
-        con.execute(f"SET enable_progress_bar = {'true' if progress else 'false'}")
         query, thresholds = precompute_thresholds(con, opened.query)
         check_uid_column(con, query, flt.path)
         parts = _fetch_records(con, query, flt.path)
@@ -85,10 +88,6 @@ def run_filter(filter_path, catalog=None, out=None, sets=None, progress=False) -
 
 def _fetch_records(con, query: str, path: Path) -> list[np.ndarray]:
     """Stream the query's uids as record arrays, one per Arrow batch."""
-    # Let DuckDB's threads run a couple of batches ahead of this one while it parses the uids
-    # of the last (the default buffer of about 1 MB stalls the query after every batch or so;
-    # much larger ones cost more in page faults than they save: bench/bench_filter.py).
-    con.execute("SET streaming_buffer_size = '4MB'")
     parts = []
     try:
         reader = con.execute(query).to_arrow_reader(_BATCH_ROWS)
@@ -98,7 +97,7 @@ def _fetch_records(con, query: str, path: Path) -> list[np.ndarray]:
             except BadUid as e:
                 raise locate_bad_uid(con, e, path) from None
     except duckdb.Error as e:
-        raise FilterError(f"{path}: {one_line(e)}") from None
+        raise filter_error(path, e, con) from None
     return parts
 
 

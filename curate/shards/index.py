@@ -48,7 +48,7 @@ FILES_SCHEMA = pa.schema([
     ("size", pa.int64()),
     ("mtime_ns", pa.int64()),
     ("samples", pa.int64()),
-    ("truncated", pa.bool_()),  # the tar ends inside a member; the incomplete sample is left out
+    ("truncated", pa.bool_()),  # cut inside a member or before its end blocks; its last sample is left out
     ("has_stats", pa.bool_()),
     ("no_uid", pa.int64()),  # samples whose uid could not be read (no json, no parquet row)
 ])
@@ -227,12 +227,13 @@ def index_catalog(catalog: str | os.PathLike, shards_dir: str | os.PathLike | No
         con.execute("INSERT INTO shard_index SELECT * FROM new_index")
         con.execute("COMMIT")
         rows = con.execute(
-            "SELECT name, samples, truncated, has_stats, no_uid FROM shard_files WHERE root = ? ORDER BY name",
+            "SELECT name, samples, truncated, has_stats, no_uid, size FROM shard_files WHERE root = ? ORDER BY name",
             [str(root)]).fetchall()
     finally:
         con.close()
     return IndexResult(root, len(rows), len(todo), sum(r[1] for r in rows),
-                       [r[0] for r in rows if r[2]], [r[0] for r in rows if not r[3]], sum(r[4] for r in rows))
+                       [f"{r[0]} (ends at byte {r[5]})" for r in rows if r[2]], [r[0] for r in rows if not r[3]],
+                       sum(r[4] for r in rows))
 
 
 def index_for(con: duckdb.DuckDBPyConnection, roots: list[Path], catalog: str | os.PathLike | None = None,

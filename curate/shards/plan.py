@@ -65,9 +65,14 @@ def load_cls_map(src) -> dict[str, int]:
         origin = str(path)
         if not path.is_file():
             raise ReshardError(f"{path}: cls file not found")
-        head = path.read_bytes()[:4]
+        with open(path, "rb") as f:
+            head = f.read(4)
         if head == b"PAR1":
-            t = pq.read_table(path)
+            try:
+                t = pq.read_table(path)
+            except (pa.ArrowException, OSError, ValueError) as e:
+                raise ReshardError(f"{path}: not a readable parquet cls file (truncated or corrupt: "
+                                   f"{str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
             col = "cls" if "cls" in t.column_names else "class_id" if "class_id" in t.column_names else None
             if "uid" not in t.column_names or col is None:
                 raise ReshardError(f"{path}: a parquet cls file needs columns uid and cls (or class_id); "
@@ -276,9 +281,21 @@ def plan_reshard(inputs, outputs, *, shard_size: int, max_shard_bytes: int = MAX
     dirs = [Path(o.out_dir).resolve() for o in outs]
     if len(set(dirs)) != len(dirs):
         raise ReshardError("two outputs share one output directory")
+    for a in dirs:
+        for b in dirs:
+            if a != b and a.is_relative_to(b):
+                raise ReshardError(f"{a}: an output directory cannot be inside another output ({b})")
     for i in inputs:
-        if Path(i).resolve() in dirs:
-            raise ReshardError(f"{i}: an output directory cannot also be an input")
+        ri = Path(i).resolve()
+        for d, o in zip(dirs, outs):
+            if ri == d:
+                raise ReshardError(f"{o.out_dir}: the output directory is also an input; choose another one")
+            if ri.is_relative_to(d):
+                raise ReshardError(f"{o.out_dir}: the output directory contains the input {i}; "
+                                   f"choose one outside it")
+            if d.is_relative_to(ri):
+                raise ReshardError(f"{o.out_dir}: the output directory is inside the input {i}; "
+                                   f"choose one outside it")
     cls_maps = [load_cls_map(o.cls) for o in outs]
     for o in outs:
         open_subset(o.subset_file)

@@ -1,7 +1,7 @@
 """The resharder: webdataset training shards holding exactly the samples of a subset file.
 
 Output contract (DataComp's ``resharder.py``, reference spec section 3): ``{:08d}.tar`` shards of
-at most ``shard_size`` samples whose members are every member of the input sample renamed
+at most ``shard_size`` samples whose members are the input sample's *data* members renamed
 ``{uid}-{j}.{ext}``, one copy per occurrence of the uid in the subset (j = 0..k-1);
 ``{:08d}_stats.json`` with ``successes``; ``sample_ids.npy`` (the subset file's bytes);
 ``meta.json`` (``output_count``, ``output_shard_count``, ``output_shard_format``, and what was
@@ -24,9 +24,20 @@ How it differs from DataComp's (deliberately):
   no PAX headers, fixed owner, so the same inputs give the same bytes.
 * Several outputs can be planned at once (``reshard_many``): one index pass routes every sample
   to each output whose subset contains it; each selected byte is read once per output using it.
+* Only data members are copied (:data:`DATA_EXTS`: jpg, jpeg, png, webp, txt, json, cls; DataComp
+  copies every member). Any other type (``pyd``, ``pickle``, ``pth``, ``pt``, ``npy``, ...) is
+  dropped and counted per type in the result, the command's output, each ``_stats.json``
+  (``dropped_members``, only when some were) and ``meta.json``: webdataset's default decoders
+  unpickle some types, so a crafted member in a downloaded shard would run code during training.
+* Nothing that existed is destroyed: an output equal to, inside or containing an input is
+  refused; ``--overwrite`` replaces only an earlier reshard output (its marker, and nothing in it
+  that a reshard did not write), building the new one beside it and swapping it in when
+  complete. A failed run leaves the old output as it was and no half output; a killed one
+  leaves the output for the same command to resume (in place) or to rebuild (``--overwrite``).
 * Input shards without ``_stats.json`` are read (DataComp silently skips them); a uid present in
   the input twice is copied from its first occurrence only (DataComp would write both under the
-  same keys); a truncated tar loses only its incomplete last sample.
+  same keys); a truncated tar (cut inside a member, its padding or before its end-of-archive
+  blocks) loses only its possibly incomplete last sample, and is reported with the byte it ends at.
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -43,6 +55,7 @@ import numpy as np
 
 from curate.atomic import atomic_path, file_sha256, write_json
 from curate.engine import LOCAL, Engine, map_tasks
+from curate.errors import CurateError
 from curate.shards.plan import (
     MAX_SHARD_BYTES,
     OUTPUT_SHARD_FORMAT,
@@ -57,11 +70,17 @@ from curate.shards.plan import (
     shard_tasks,
 )
 from curate.shards.tar import ShardError, TarWriter, sample_members
+from curate.subset import open_subset
 from curate.uids import pairs_to_hex_array
 
 MARKER = ".curate_reshard.json"  # records the job in an output dir, so a rerun can resume it
 COALESCE_GAP = 16 * 1024  # read through gaps smaller than this; larger gaps cost more to copy than a new read
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# member types copied to an output: data only (img2dataset's image types, caption, metadata,
+# class). Anything else (pyd, pickle, pth, pt, npy, ...) is dropped and counted: webdataset's
+# default decoders unpickle some types, so a crafted member would run code during training.
+# The whole extension must match ("0.pyd" is not "pyd", and "a.pyd" is not "jpg").
+DATA_EXTS = frozenset(IMAGE_EXTS + ("txt", "json", "cls"))
 
 
 # ----------------------------------------------------------------------------------- results
@@ -88,6 +107,8 @@ class ReshardResult:
     bytes_total: int = 0
     truncated_inputs: list = field(default_factory=list)
     inputs_without_stats: list = field(default_factory=list)
+    truncated_at: dict = field(default_factory=dict)  # truncated input tar name -> byte where it ends
+    dropped_members: dict = field(default_factory=dict)  # member type -> members not copied (not data)
     elapsed: float = 0.0
 
     def summary(self) -> list[str]:
@@ -107,11 +128,17 @@ class ReshardResult:
         for n, why in skipped:
             if n:
                 lines.append(f"  skipped {n:,} {why}")
+        if self.dropped_members:
+            kinds = ", ".join(f"{n:,} .{ext}" for ext, n in sorted(self.dropped_members.items()))
+            lines.append(f"  dropped {sum(self.dropped_members.values()):,} members that are not data "
+                         f"(only {', '.join(sorted(DATA_EXTS))} are copied): {kinds}")
         if self.blurred:
             lines.append(f"  blurred faces in {self.blurred:,} images (re-encoded as webp)")
         if self.truncated_inputs:
-            lines.append(f"  {len(self.truncated_inputs)} truncated input tars (last sample dropped): "
-                         f"{', '.join(self.truncated_inputs[:3])}")
+            named = [f"{n} (ends at byte {self.truncated_at[n]})" if n in self.truncated_at else n
+                     for n in self.truncated_inputs[:3]]
+            lines.append(f"  {len(self.truncated_inputs)} truncated input tars (cut inside a member or "
+                         f"missing the end-of-archive blocks; last sample dropped): {', '.join(named)}")
         if self.inputs_without_stats:
             lines.append(f"  {len(self.inputs_without_stats)} input tars without _stats.json were read "
                          f"anyway (DataComp skips them): {', '.join(self.inputs_without_stats[:3])}")
@@ -186,8 +213,20 @@ def _ranges(offsets: list, lengths: list) -> list[tuple[int, int, int, int]]:
     return out
 
 
-def _write_task(t: ShardTask) -> tuple[int, int, int]:
-    """Write one output shard; returns (samples, bytes read, images blurred)."""
+def _data_members(members, dropped: dict, copies: int) -> list:
+    """The members of one sample that are data (:data:`DATA_EXTS`); the others are counted in
+    ``dropped`` (per type, ``copies`` times: once per output copy of the sample)."""
+    out = []
+    for ext, body in members:
+        if ext in DATA_EXTS:
+            out.append((ext, body))
+        else:
+            dropped[ext] = dropped.get(ext, 0) + copies
+    return out
+
+
+def _write_task(t: ShardTask) -> tuple[int, int, int, dict]:
+    """Write one output shard; returns (samples, bytes read, images blurred, dropped members per type)."""
     out_dir = Path(t.out_dir)
     tar_path = out_dir / OUTPUT_SHARD_FORMAT.format(t.index)
     stats_path = out_dir / OUTPUT_STATS_FORMAT.format(t.index)
@@ -197,6 +236,7 @@ def _write_task(t: ShardTask) -> tuple[int, int, int]:
     cls = None if t.cls is None else [str(c).encode() for c in t.cls.tolist()]
     transform = t.apply_blur or t.inject_blur
     n_read = n_blur = 0
+    dropped: dict[str, int] = {}
     with atomic_path(tar_path) as tmp, open(tmp, "wb", buffering=0) as f:
         tar = TarWriter(f)
         # rows are in (shard, offset) order: handle each input shard's run of rows together
@@ -218,6 +258,10 @@ def _write_task(t: ShardTask) -> tuple[int, int, int]:
                         off = offsets[r]
                         if off != prev:  # copies of one sample are adjacent: parse it once
                             members = sample_members(data, ra, off, lengths[r], path)
+                            copies = 1
+                            while r + copies < a + e and offsets[r + copies] == off:
+                                copies += 1
+                            members = _data_members(members, dropped, copies)
                             if transform:
                                 members, blurred = _transform(members, t, (int(t.hi[r]), int(t.lo[r])),
                                                               f"{path} at byte {off}")
@@ -234,8 +278,11 @@ def _write_task(t: ShardTask) -> tuple[int, int, int]:
             a = b
         tar.close()
         _make_readable(tmp)
-    _write_json_readable(stats_path, {"successes": n})
-    return n, n_read, n_blur
+    stats = {"successes": n}
+    if dropped:  # only then: shards of data members keep DataComp's exact stats bytes
+        stats["dropped_members"] = dict(sorted(dropped.items()))
+    _write_json_readable(stats_path, stats)
+    return n, n_read, n_blur, dropped
 
 
 def _transform(members, t: ShardTask, hi_lo, where):
@@ -288,12 +335,55 @@ def _fingerprint(job: ReshardPlan, k: int, apply_blur: bool, inject_blur: bool) 
     }
 
 
-def _prepare_dir(out_dir: Path, fp: dict, overwrite: bool) -> bool:
-    """Check the output dir; returns True when resuming an earlier run of the same job."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    entries = [p for p in out_dir.iterdir()]
+# what a reshard writes in its output directory: only these are ever removed by --overwrite
+_OWN = re.compile(r"^(?:[0-9]{8}[.]tar|[0-9]{8}_stats[.]json|sizes[.]json|sample_ids[.]npy|meta[.]json|"
+                  + re.escape(MARKER) + r"|[.].+[.]tmp)$")
+
+
+def _building_dir(out_dir: Path) -> Path:
+    """Where an --overwrite run builds the new output, beside the old one."""
+    return out_dir.with_name(f".{out_dir.name}.curate-new")
+
+
+def _trash_dir(out_dir: Path) -> Path:
+    """Where the old output goes for the moment of the swap."""
+    return out_dir.with_name(f".{out_dir.name}.curate-old")
+
+
+def _recover(out_dir: Path) -> None:
+    """Finish or undo what a killed --overwrite run left beside ``out_dir`` (our names only)."""
+    new, old = _building_dir(out_dir), _trash_dir(out_dir)
+    if old.is_dir() and not out_dir.exists():  # killed between the two renames of the swap
+        if (new / "meta.json").is_file():
+            new.rename(out_dir)
+        else:
+            old.rename(out_dir)
+    for d in (new, old):
+        if d.is_dir() and not d.is_symlink():
+            shutil.rmtree(d)
+
+
+def _prepare_dir(out_dir: Path, fp: dict, overwrite: bool) -> tuple[Path, bool, bool, bool]:
+    """Check the output dir; returns (where to build, resuming an earlier run of the same job,
+    whether this run made or found it empty, whether this run made it).
+
+    Without --overwrite: a new or empty directory is written in place, one holding the same job
+    is resumed in place, anything else is refused. With --overwrite, a directory holding an
+    earlier reshard output (its marker, and nothing curate did not write) is replaced: the new
+    output is built beside it and swapped in only when complete (:func:`_swap`).
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ReshardError(f"{out_dir}: exists and is not a directory")
+    try:
+        _recover(out_dir)
+        created = not out_dir.exists()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        entries = sorted(out_dir.iterdir())
+    except OSError as e:
+        raise ReshardError(f"{out_dir}: cannot create or read the output directory "
+                           f"({e.strerror or e.__class__.__name__})") from None
     if not entries:
-        return False
+        return out_dir, False, True, created
     marker = out_dir / MARKER
     if not overwrite and marker.is_file():
         try:
@@ -302,21 +392,54 @@ def _prepare_dir(out_dir: Path, fp: dict, overwrite: bool) -> bool:
             old = None
         if old == fp:
             for p in entries:  # temporaries of a killed run
-                if p.name.startswith(".") and p.name.endswith(".tmp"):
+                if p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file():
                     p.unlink()
-            return True
+            return out_dir, True, False, False
         raise ReshardError(
             f"{out_dir}: holds the output of a different reshard job (other inputs, subset or "
             f"options); use --overwrite to replace it")
     if not overwrite:
         raise ReshardError(f"{out_dir}: not empty ({len(entries)} entries, e.g. {entries[0].name}); "
                            f"use --overwrite to replace its contents")
-    for p in entries:
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        else:
-            p.unlink()
-    return False
+    foreign = [p for p in entries if not (_OWN.match(p.name) and p.is_file() and not p.is_symlink())]
+    if foreign:
+        raise ReshardError(f"{out_dir}: --overwrite replaces only a reshard output, and {foreign[0].name} "
+                           f"was not written by curate reshard ({len(foreign)} such entries); nothing was "
+                           f"changed: move them away or choose another output directory")
+    if not marker.is_file():
+        raise ReshardError(f"{out_dir}: --overwrite replaces only a reshard output, and this directory has "
+                           f"no {MARKER}; nothing was changed: choose another output directory")
+    build = _building_dir(out_dir)
+    try:
+        build.mkdir()
+    except OSError as e:
+        raise ReshardError(f"{build}: cannot create the new output beside the old one "
+                           f"({e.strerror or e.__class__.__name__})") from None
+    return build, False, False, False
+
+
+def _swap(build: Path, out_dir: Path) -> None:
+    """Replace ``out_dir`` by the complete output in ``build``: old -> trash, new -> out, drop trash."""
+    trash = _trash_dir(out_dir)
+    out_dir.rename(trash)
+    build.rename(out_dir)
+    shutil.rmtree(trash)
+
+
+def _discard(build: Path, out_dir: Path, fresh: bool, created: bool) -> None:
+    """After a failed run: remove what it built (the new output beside an old one, or the files of
+    a run that started in a new or empty directory). A resumed output is left for the next run."""
+    if build != out_dir:
+        shutil.rmtree(build, ignore_errors=True)
+    elif fresh and build.is_dir():
+        for p in build.iterdir():
+            if _OWN.match(p.name) and p.is_file():
+                p.unlink()
+        if created:
+            try:
+                build.rmdir()
+            except OSError:
+                pass
 
 
 def _shard_done(out_dir: Path, i: int, expected: int) -> bool:
@@ -355,18 +478,29 @@ def reshard_many(inputs, outputs, *, shard_size: int = 10000, apply_blur: bool =
     boxes_catalog = _boxes_catalog(catalog, blur_from_catalog, apply_blur or inject_blur_metadata)
     job = plan_reshard(inputs, outputs, shard_size=shard_size, max_shard_bytes=max_shard_bytes, catalog=catalog,
                        workers=engine.workers, progress=progress)
-    results, tasks = [], []
-    for k in range(len(job.outputs)):
-        res, todo = _start_output(job, k, apply_blur, inject_blur_metadata, overwrite, boxes_catalog)
-        results.append(res)
-        tasks += [(k, t) for t in todo]
-    written = map_tasks(_write_task, [(t,) for _, t in tasks], engine, desc="reshard", unit="sample",
-                        sizes=[len(t.shard) for _, t in tasks], progress=progress, start="fork")
-    for (k, _), (n, nread, nblur) in zip(tasks, written):
-        _account(results[k], n, nread, nblur)
-    for k, res in enumerate(results):
-        res.elapsed = time.perf_counter() - t0
-        _finish_output(job, k, res, apply_blur, inject_blur_metadata)
+    results, tasks, dirs = [], [], []  # dirs: (where built, output dir, fresh, created) per output started
+    try:
+        for k in range(len(job.outputs)):
+            res, todo = _start_output(job, k, apply_blur, inject_blur_metadata, overwrite,
+                                                    boxes_catalog, dirs)
+            results.append(res)
+            tasks += [(k, t) for t in todo]
+        written = map_tasks(_write_task, [(t,) for _, t in tasks], engine, desc="reshard", unit="sample",
+                            sizes=[len(t.shard) for _, t in tasks], progress=progress, start="fork")
+        for (k, _), (n, nread, nblur, _dropped) in zip(tasks, written):
+            _account(results[k], n, nread, nblur)
+        for k, res in enumerate(results):
+            res.elapsed = time.perf_counter() - t0
+            _finish_output(job, k, res, apply_blur, inject_blur_metadata, dirs[k][0])
+    except CurateError:
+        # a data error (an undecodable image, a shorter tar...): what existed stays as it was and
+        # nothing half-written remains. A kill leaves the output for the same command to resume.
+        for build, out_dir, fresh, created in dirs:
+            _discard(build, out_dir, fresh, created)
+        raise
+    for build, out_dir, _, _ in dirs:
+        if build != out_dir:
+            _swap(build, out_dir)
     return results
 
 
@@ -380,13 +514,15 @@ def _boxes_catalog(catalog, blur_from_catalog: bool | None, blurring: bool):
 
 
 def _start_output(job: ReshardPlan, k: int, apply_blur: bool, inject_blur: bool, overwrite: bool,
-                  boxes_catalog) -> tuple[ReshardResult, list[ShardTask]]:
-    """Prepare output ``k``'s directory (new, resumed or replaced) and list its shards to write."""
+                  boxes_catalog, dirs: list) -> tuple[ReshardResult, list[ShardTask]]:
+    """Prepare output ``k``'s directory (new, resumed or replaced) and list its shards to write;
+    appends (where it is built, the output dir, fresh, created) to ``dirs``."""
     o, plan, d = job.outputs[k], job.plans[k], job.dirs[k]
     fp = _fingerprint(job, k, apply_blur, inject_blur)
-    resumed = _prepare_dir(d, fp, overwrite)
+    build, resumed, fresh, created = _prepare_dir(d, fp, overwrite)
+    dirs.append((build, d, fresh, created))
     if not resumed:
-        _write_json_readable(d / MARKER, fp)
+        _write_json_readable(build / MARKER, fp)
     res = ReshardResult(str(d), str(o.subset_file), **plan.counts)
     res.output_count = int(len(plan.shard))
     res.output_shard_count = plan.shard_count
@@ -394,12 +530,13 @@ def _start_output(job: ReshardPlan, k: int, apply_blur: bool, inject_blur: bool,
     res.input_shards_total = len(job.files)
     res.bytes_total = job.bytes_total
     res.truncated_inputs = job.truncated_inputs
+    res.truncated_at = {n: size for _, _, n, size, tr, _ in job.files if tr}
     res.inputs_without_stats = job.inputs_without_stats
     boxes = None
     if boxes_catalog is not None and len(plan.hi):
         boxes = pool_boxes(boxes_catalog, plan.hi, plan.lo)
     done = (lambda i, n: _shard_done(d, i, n)) if resumed else None
-    tasks = shard_tasks(plan, d, job.paths, boxes, apply_blur, inject_blur, done)
+    tasks = shard_tasks(plan, build, job.paths, boxes, apply_blur, inject_blur, done)
     res.shards_resumed = res.output_shard_count - len(tasks)
     return res, tasks
 
@@ -410,9 +547,25 @@ def _account(res: ReshardResult, n: int, nread: int, nblur: int) -> None:
     res.blurred += nblur
 
 
-def _finish_output(job: ReshardPlan, k: int, res: ReshardResult, apply_blur: bool, inject_blur: bool) -> None:
-    """``sample_ids.npy``, ``sizes.json`` and, last (it marks a complete output), ``meta.json``."""
-    o, plan, d = job.outputs[k], job.plans[k], job.dirs[k]
+def _dropped_totals(d: Path, shard_count: int) -> dict[str, int]:
+    """Members not copied, per type, summed over the output's ``_stats.json`` (resumed shards too)."""
+    total: dict[str, int] = {}
+    for i in range(shard_count):
+        try:
+            stats = json.loads((d / OUTPUT_STATS_FORMAT.format(i)).read_text())
+        except (OSError, ValueError):
+            continue
+        for ext, n in (stats.get("dropped_members") or {}).items():
+            total[ext] = total.get(ext, 0) + int(n)
+    return dict(sorted(total.items()))
+
+
+def _finish_output(job: ReshardPlan, k: int, res: ReshardResult, apply_blur: bool, inject_blur: bool,
+                   d: Path) -> None:
+    """``sample_ids.npy``, ``sizes.json`` and, last (it marks a complete output), ``meta.json``, in ``d``
+    (the output dir, or where an --overwrite run builds it)."""
+    o, plan = job.outputs[k], job.plans[k]
+    res.dropped_members = _dropped_totals(d, plan.shard_count)
     with atomic_path(d / "sample_ids.npy") as tmp:
         shutil.copyfile(o.subset_file, tmp)
         _make_readable(tmp)
@@ -431,6 +584,7 @@ def _finish_output(job: ReshardPlan, k: int, res: ReshardResult, apply_blur: boo
                     "input_duplicates": res.input_duplicates},
         "truncated_inputs": res.truncated_inputs,
         "inputs_without_stats": res.inputs_without_stats,
+        "dropped_members": res.dropped_members,
         "cls": o.cls is not None,
         "apply_blur": apply_blur,
         "inject_blur_metadata": inject_blur,
@@ -440,7 +594,13 @@ def _finish_output(job: ReshardPlan, k: int, res: ReshardResult, apply_blur: boo
 
 
 def reshard(input_dirs, output_dir, subset_file, *, cls=None, **kw) -> ReshardResult:
-    """Reshard one subset: ``reshard("pool/shards", "out", "subset.npy")``; see ``reshard_many``."""
+    """Reshard one subset: ``reshard("pool/shards", "out", "subset.npy")``; see ``reshard_many``.
+
+    An empty subset is an error here (it would write an empty training set with exit 0);
+    ``reshard_many`` accepts empty outputs among others (e.g. a TiC year with no samples).
+    """
+    if len(open_subset(subset_file, check_sorted=False)) == 0:
+        raise ReshardError(f"{subset_file}: empty subset (0 uids); nothing to reshard, nothing was written")
     return reshard_many(input_dirs, [Output(Path(output_dir), Path(subset_file), cls)], **kw)[0]
 
 

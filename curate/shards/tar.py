@@ -13,7 +13,9 @@ tar *headers* are parsed here, not by ``tarfile``, so that a shard can be listed
 byte ranges (the shard index), and one sample's members read from a byte range (the resharder).
 A *sample* is a run of consecutive members sharing a key (webdataset's rule: key = member path
 up to the first dot of its basename). USTAR, PAX (``x``) and GNU long-name (``L``) headers are
-understood; a tar that ends inside a member is reported as truncated.
+understood; a tar that ends inside a header, a member's data or padding, or before its two
+end-of-archive blocks is reported as truncated (:meth:`ShardScan.truncation` names the offsets);
+a PAX header that does not parse is a :class:`ShardError` naming shard and offset.
 """
 
 from __future__ import annotations
@@ -160,13 +162,19 @@ def _octal(field: bytes, where: str) -> int:
         raise ShardError(f"{where}: corrupt tar header (size field {field!r})") from None
 
 
-def _pax_records(data: bytes) -> dict[str, str]:
+def _pax_records(data: bytes, where: str) -> dict[str, str]:
+    """The ``length key=value\n`` records of a PAX header body; ``where`` names shard and offset."""
     out, pos = {}, 0
     while pos < len(data):
+        if not data[pos:].strip(b"\0"):
+            break  # NUL padding after the last record
         sp = data.find(b" ", pos)
-        if sp < 0:
-            break
-        length = int(data[pos:sp])
+        field_ = data[pos:sp] if sp >= 0 else data[pos:pos + 20]
+        if sp < 0 or not field_.isdigit():
+            raise ShardError(f"{where}: corrupt PAX header (record length {field_[:20]!r} is not a number)")
+        length = int(field_)
+        if length <= sp - pos + 1 or pos + length > len(data):
+            raise ShardError(f"{where}: corrupt PAX header (record length {length} does not fit the header)")
         rec = data[sp + 1 : pos + length - 1]
         k, _, v = rec.partition(b"=")
         out[k.decode("utf-8", "replace")] = v.decode("utf-8", "replace")
@@ -191,9 +199,12 @@ class TarEntry:
 def walk_tar(read, start: int, end: int, where: str, check: bool = True):
     """Yield the regular members of tar bytes in ``[start, end)``; ``read(offset, n)`` gives bytes.
 
-    Stops at the end-of-archive block or at ``end``. ``check=False`` skips header checksums (for
+    Stops at the end-of-archive blocks or at ``end``. ``check=False`` skips header checksums (for
     bytes already checked when the shard was indexed). Returns (as the generator's value) the
-    offset where parsing stopped and whether the data ran out inside a member (a truncated tar).
+    offset where parsing stopped and whether the archive is truncated: the data runs out inside a
+    header, a member's data or its padding, or (for a whole tar) before the two zero blocks that
+    end an archive. Walking a byte range of whole members (one sample) ends at ``end`` instead;
+    its callers ignore that value.
     """
     pos = start
     pending_name, chain_start = None, None
@@ -203,21 +214,25 @@ def walk_tar(read, start: int, end: int, where: str, check: bool = True):
         if len(h) < BLOCK:
             return pos, True
         if h == _ZERO:
+            # end of archive: two zero blocks; a lone one at the end of the file is a cut archive
+            if pos + 2 * BLOCK > end or bytes(read(pos + BLOCK, BLOCK)) != _ZERO:
+                return pos, pos + 2 * BLOCK > end
             return pos, False
-        if check and _octal(h[148:156], where) != sum(h) - sum(h[148:156]) + 256:
+        at = f"{where} at byte {pos}"
+        if check and _octal(h[148:156], at) != sum(h) - sum(h[148:156]) + 256:
             raise ShardError(f"{where}: corrupt tar header at byte {pos} (bad checksum)")
-        size = _octal(h[124:136], where)
+        size = _octal(h[124:136], at)
         flag = h[156:157]
         data = pos + BLOCK
         nxt = data + -(-size // BLOCK) * BLOCK
         if chain_start is None:
             chain_start = pos
         if flag in (b"x", b"L", b"g"):
-            if data + size > end:
-                return pos, True
+            if nxt > end:
+                return chain_start, True
             body = bytes(read(data, size))
             if flag == b"x":
-                pax = _pax_records(body)
+                pax = _pax_records(body, at)
             elif flag == b"L":
                 pending_name = body.split(b"\0", 1)[0].decode("utf-8", "replace")
             else:
@@ -231,15 +246,17 @@ def walk_tar(read, start: int, end: int, where: str, check: bool = True):
                 name = prefix + b"/" + name
         name = pending_name or pax.get("path") or name.decode("utf-8", "replace")
         if "size" in pax:
+            if not pax["size"].isdigit():
+                raise ShardError(f"{at}: corrupt PAX header (size {pax['size'][:20]!r} is not a number)")
             size = int(pax["size"])
             nxt = data + -(-size // BLOCK) * BLOCK
-        if data + size > end:
-            return pos if chain_start is None else chain_start, True
+        if nxt > end:  # the data or its padding is cut off
+            return chain_start, True
         if flag in (b"0", b"\0", b"7"):
             yield TarEntry(name, chain_start, data, size)
         pending_name, chain_start, pax = None, None, {}
         pos = nxt
-    return pos, pos < end
+    return pos, True
 
 
 def split_key(name: str) -> tuple[str | None, str | None]:
@@ -278,6 +295,12 @@ class ShardScan:
     has_json: list = field(default_factory=list)
     json_at: list = field(default_factory=list)  # (data offset, size) of the json member or None
     truncated: bool = False
+    truncated_at: int | None = None  # where the incomplete member (or the missing end) starts
+
+    def truncation(self) -> str:
+        """One line naming the shard and the byte offsets of a truncated tar."""
+        return (f"{self.path}: truncated at byte {self.size} (incomplete member or missing end-of-archive "
+                f"blocks from byte {self.truncated_at}); its last sample is left out")
 
 
 def scan_tar(path: str | os.PathLike) -> ShardScan:
@@ -297,7 +320,8 @@ def scan_tar(path: str | os.PathLike) -> ShardScan:
             while True:
                 entries.append(next(gen))
         except StopIteration as stop:
-            _, scan.truncated = stop.value if stop.value else (0, False)
+            at, scan.truncated = stop.value if stop.value else (0, False)
+            scan.truncated_at = at if scan.truncated else None
     samples = list(group_samples(entries))
     if scan.truncated and samples:
         # the member the tar ends in belongs to the next sample or to the last one we saw; a

@@ -94,7 +94,7 @@ def _check_tar(tar: Path, sizes: dict | None, rep: VerifyReport, seen_uid_counts
     n = len(scan.keys)
     rep.samples += n
     if scan.truncated:
-        rep.problems.append(f"{tar}: truncated (ends inside a member)")
+        rep.problems.append(scan.truncation())
     keys = scan.keys
     if len(set(keys)) != len(keys):
         dup = next(k for i, k in enumerate(keys) if k in keys[:i])

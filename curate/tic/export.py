@@ -44,9 +44,9 @@ from curate import resources
 from curate.atomic import atomic_path, write_json
 from curate.catalog.connection import connect, shards_dir
 from curate.engine import Engine
-from curate.errors import CurateError
 from curate.run import RunResult, run_filter
-from curate.run.query import build_features, check_uid_column, load_filter, precompute_thresholds, prepare
+from curate.run.query import (build_features, check_uid_column, filter_error, load_filter, precompute_thresholds,
+                               prepare, sandbox_catalog)
 from curate.subset import NPY_HEADER_LEN, npy_header, subset_to_arrow
 from curate.tic import TicError
 from curate.tic.evalsets import EvalSetResult, reshard_eval_sets
@@ -140,13 +140,14 @@ def keep_condition(con, flt: Path, sets: dict) -> str:
     flt = resources.filter_file(flt)
     if flt.suffix == ".sql":
         f = load_filter(flt)
+        sandbox_catalog(con)  # the filter, and the export after it, read only what the catalog points at
         query, _ = prepare(con, f, sets)
         query, _ = precompute_thresholds(con, query)
         check_uid_column(con, query, flt)
         try:
             con.execute(f"CREATE TEMP TABLE __tic_keep AS SELECT DISTINCT uid FROM ({query})")
         except duckdb.Error as e:
-            raise CurateError(f"{flt}: {str(e).splitlines()[0]}") from None
+            raise filter_error(flt, e, con) from None
     else:
         if sets:
             raise TicError(f"--set applies to a .sql filter, not to the subset file {flt}")
@@ -168,11 +169,11 @@ def export_splits(catalog, out, filter_path=None, sets: dict | None = None, prog
         raise TicError(f"{catalog}: no {missing[0]} view; run `curate tic attach {catalog} --tic-dir DIR` first")
     res = ExportResult(out, pool_rows=int(con.execute("SELECT sum(num_rows) FROM pool_files").fetchone()[0] or 0))
     keep = ""
+    if progress:
+        con.execute("SET enable_progress_bar = true")  # before a filter locks the configuration
     if filter_path is not None:
         keep = keep_condition(con, Path(filter_path), sets)
         res.filter = str(filter_path)
-    if progress:
-        con.execute("SET enable_progress_bar = true")
 
     writers: dict[str, SubsetStream] = {}  # "yearly/2016", "monthly/201610"
     evals: dict[tuple[str, int], list[np.ndarray]] = {}

@@ -17,6 +17,11 @@ Differences from DataComp's ``train.py``, all forced by open_clip 3.3 or deliber
   whether or not they hold a ``meta.json``.
 * Sample counts (from ``sizes.json`` or ``*_stats.json``) are only recorded: like DataComp we
   always pass ``--train-num-samples``, so open_clip never needs ``sizes.json``.
+* Local shards are scanned (tar headers only) before the trainer starts, and a shard holding a
+  member that webdataset's default decoders would unpickle (:data:`PICKLE_TYPES`) is refused:
+  open_clip decodes every member of a sample with webdataset's ``basichandlers``, which call
+  ``pickle.loads`` on ``.pyd``/``.pickle`` and ``torch.load`` on ``.pth``, so such a member
+  would run code inside training. DataComp's ``train.py`` trains on whatever the shards hold.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import re
 import signal
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -37,7 +43,9 @@ import yaml
 
 from curate import resources
 from curate.atomic import atomic_path, write_json
+from curate.engine import set_parent_death_signal
 from curate.errors import CurateError
+from curate.shards.tar import split_key
 
 TRAIN_DIR = resources.train_dir()
 SCALES_FILE = TRAIN_DIR / "scales.yaml"
@@ -103,6 +111,7 @@ class DataSource:
     num_shards: int
     num_samples: int | None  # None when neither sizes.json nor _stats.json covers every shard
     weight: float | None = None
+    tars: list[Path] = field(default_factory=list, compare=False, repr=False)  # local shards
 
 
 def brace_runs(prefix: str, numbers: list[tuple[int, int]], suffix: str) -> list[str]:
@@ -178,7 +187,7 @@ def discover_shards(entry: str | os.PathLike) -> DataSource:
         return DataSource(str(entry), [str(entry)], 0, None)
     if p.is_file() and p.suffix == ".tar":
         n = _shard_sizes(p.parent, [p])
-        return DataSource(str(entry), [str(p.resolve())], 1, n)
+        return DataSource(str(entry), [str(p.resolve())], 1, n, tars=[p.resolve()])
     if not p.is_dir():
         raise TrainError(f"--data {entry}: not a directory or .tar file")
     patterns, tars = _dir_patterns(p.resolve())
@@ -193,7 +202,63 @@ def discover_shards(entry: str | os.PathLike) -> DataSource:
         total = None if (n is None or total is None) else total + n
     if total == 0:
         raise TrainError(f"--data {entry}: shards hold 0 samples (per sizes.json/_stats.json)")
-    return DataSource(str(entry), patterns, len(tars), total)
+    return DataSource(str(entry), patterns, len(tars), total, tars=tars)
+
+
+# Member types webdataset's default decoders (webdataset 0.2.x ``autodecode.basichandlers``,
+# which open_clip's ``wds.decode("pilrgb")`` ends with) turn into objects with pickle:
+# ``pyd``/``pickle`` -> pickle.loads, ``pth`` -> torch.load. A ``.gz`` suffix is decompressed
+# first (``gzfilter``) and then decoded by the same table. ``pkl`` and ``pt`` are not in that table
+# today but are pickles by convention, so they are refused too. ``npy``/``npz`` are read with
+# numpy's default allow_pickle=False (an object array fails to decode instead of unpickling).
+PICKLE_TYPES = ("pyd", "pickle", "pth", "pkl", "pt")
+
+
+def pickle_member_type(name: str) -> str | None:
+    """The pickle-decoded type of a tar member name (``pyd`` for ``k.pyd``, ``k.x.pth.gz``), or None."""
+    _, ext = split_key(name)
+    if ext is None:
+        return None
+    parts = ext.lower().split(".")
+    while len(parts) > 1 and parts[-1] == "gz":
+        parts.pop()
+    return parts[-1] if parts[-1] in PICKLE_TYPES else None
+
+
+def check_shard_members(path: str | os.PathLike) -> None:
+    """Refuse a shard holding a member that webdataset would unpickle; reads tar headers only.
+
+    The headers are parsed by Python's ``tarfile``, the parser webdataset itself uses (names from
+    PAX, GNU long-name and Solaris headers, sparse members, compressed tars), so the names
+    checked are the names the data loader will see.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            return  # an empty file: webdataset skips it, nothing in it to decode
+        with tarfile.open(path, "r:*") as tf:
+            while (ti := tf.next()) is not None:
+                tf.members = []  # headers only: keep no list of a large shard's members
+                if not ti.isreg():
+                    continue  # webdataset reads regular members only
+                kind = pickle_member_type(ti.name)
+                if kind is not None:
+                    raise TrainError(
+                        f"{path}: member {ti.name!r} (at byte {ti.offset}) is a .{kind} file, which the "
+                        f"training data loader would unpickle (code could run); refusing to train on "
+                        f"this shard (remove the member, e.g. by resharding with `curate reshard`)")
+    except OSError as e:
+        raise TrainError(f"{path}: cannot read shard ({e.strerror or e})") from None
+    except (tarfile.TarError, EOFError, ValueError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TrainError(f"{path}: not a readable tar ({why})") from None
+
+
+def check_sources(sources: list[DataSource]) -> None:
+    """Check every local shard of ``sources`` (:func:`check_shard_members`)."""
+    for s in sources:
+        for t in s.tars:
+            check_shard_members(t)
 
 
 def parse_data(data: str, weights: str | None = None) -> list[DataSource]:
@@ -414,9 +479,17 @@ class TrainResult:
 def _run(cmd: list[str], env: dict, log_tail: list[str], echo) -> int:
     # The trainer stays in our process group, so killing the group (Ctrl-C, a scheduler, a
     # test) takes it and its data workers down with us; a SIGTERM sent to this process alone
-    # is forwarded to it.
+    # is forwarded to it; and if this process dies any other way (kill -9), the kernel sends
+    # the trainer SIGTERM (Linux), which torchrun passes on to its ranks.
+    parent = os.getpid()
+
+    def _die_with_us():  # runs in the child between fork and exec
+        set_parent_death_signal(signal.SIGTERM)
+        if os.getppid() != parent:
+            os._exit(1)
+
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, bufsize=1)
+                            text=True, bufsize=1, preexec_fn=_die_with_us)
     old = None
     if threading.current_thread() is threading.main_thread():
         def _term(signum, frame):
@@ -452,6 +525,7 @@ def train(spec: TrainSpec, echo=None) -> TrainResult:
     """
     cfg = scale_config(spec.scale, spec.scales_file)
     sources = parse_data(spec.data, spec.data_weights)
+    check_sources(sources)  # before anything is created or launched
     gpus = visible_gpus()
     world = spec.nproc or max(1, gpus)
     Path(spec.output_dir).mkdir(parents=True, exist_ok=True)

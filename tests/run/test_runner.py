@@ -117,7 +117,7 @@ def test_bad_filters_fail_with_one_line_and_no_output(cat, tmp_path, sql, msg):
 
 def test_bad_uid_in_pool_names_file_row_and_column(make_catalog, tmp_path):
     rows = [{"uid": uid_of(0)}, {"uid": uid_of(1)}, {"uid": "not-a-uid"}]
-    cat = make_catalog([rows])
+    cat = make_catalog([rows], check_uid_values=False)  # init refuses it; this tests run's own check
     with pytest.raises(CurateError) as e:
         run_filter(NO_FILTER, catalog=cat, out=tmp_path / "o.npy")
     msg = str(e.value)
@@ -148,7 +148,8 @@ def test_empty_result(cat, tmp_path):
 
 
 def test_catalog_is_not_modified_by_a_filter(cat, tmp_path):
-    with pytest.raises(FilterError, match="read-only"):
+    # refused before anything runs (it used to reach DuckDB and fail there as read-only)
+    with pytest.raises(FilterError, match=r"statement 1 \(DROP VIEW pool\) is not allowed in a filter"):
         run_filter(write(tmp_path, "w.sql", "DROP VIEW pool;\nSELECT 'x' AS uid"), catalog=cat, out=tmp_path / "o.npy")
     assert init_catalog  # catalog still usable:
     run_filter(NO_FILTER, catalog=cat, out=tmp_path / "ok.npy")

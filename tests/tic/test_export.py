@@ -105,7 +105,7 @@ def test_streamed_npy_is_byte_identical_to_np_save(tmp_path, n):
 
 def test_pool_duplicates_are_kept_like_the_resharder(make_catalog, tmp_path):
     uids = pool_uids(60)
-    cat = make_catalog([[{"uid": u} for u in uids], [{"uid": uids[0]}]])  # uid 0 twice in the pool
+    cat = make_catalog([[{"uid": u} for u in uids], [{"uid": uids[0]}]], allow_duplicate_uids=True)  # uid 0 twice in the pool
     make_tic_artifacts(cat, tmp_path / "a")
     attach(cat, tmp_path / "a")
     res = export_splits(cat, tmp_path / "o")

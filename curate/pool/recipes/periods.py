@@ -36,6 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from curate.atomic import write_json
+from curate.catalog.checks import check_can_create
 from curate.catalog.connection import CatalogError, connect, default_catalog, sql_identifier
 from curate.errors import CurateError
 from curate.pool.build import TIME_COLUMN
@@ -184,11 +185,18 @@ def export_period_splits(catalog: str | os.PathLike | None, out: str | os.PathLi
     contiguous, so at most one group's uids are held at a time.
     """
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise PeriodError(f"{out}: exists and is not a directory")
+    check_can_create(out, PeriodError, "output directory")
     con = connect(catalog, read_only=True)
     sizes: dict[str, dict[str, int]] = {}
     try:
-        periods = [r[0] for r in con.execute(
-            "SELECT DISTINCT period FROM period_split ORDER BY period").fetchall()]
+        try:
+            periods = [r[0] for r in con.execute(
+                "SELECT DISTINCT period FROM period_split ORDER BY period").fetchall()]
+        except duckdb.CatalogException:
+            raise PeriodError(f"{catalog or default_catalog()}: no period_split view (create it with "
+                              f"`curate pool timesplit`)") from None
         for period in tqdm(periods, desc="periods", unit="period", disable=not progress):
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", period):
                 raise PeriodError(f"period {period!r} cannot be a directory name")
