@@ -24,6 +24,8 @@ import socket
 import tempfile
 from pathlib import Path
 
+from curate.errors import CurateError
+
 _HOST = hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
 
 
@@ -91,21 +93,58 @@ def _clean_once(directory: Path) -> None:
         _CLEANED.add(key)
 
 
+class OutputError(CurateError):
+    """An output that cannot be written where it was asked for."""
+
+
+def _why_not_writable(dest: Path, e: OSError) -> str:
+    for p in reversed([dest.parent, *dest.parent.parents]):
+        if p.exists() and not p.is_dir():
+            return f"{p} is a file, not a directory"
+    if dest.is_dir():
+        return "it is a directory"
+    if isinstance(e, PermissionError):
+        return f"{dest.parent} is not writable: permission denied"
+    return e.strerror or str(e)
+
+
+def check_output(dest: str | os.PathLike) -> Path:
+    """Fail now, in one line, if ``dest`` could not be written (before long work produces it):
+    its directory is created if missing; an existing directory at ``dest`` is refused."""
+    dest = Path(dest)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{dest}: cannot write the output ({_why_not_writable(dest, e)})") from None
+    if dest.is_dir():
+        raise OutputError(f"{dest}: cannot write the output (it is a directory)")
+    if not os.access(dest.parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{dest}: cannot write the output ({dest.parent} is not writable: permission denied)")
+    return dest
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike, suffix: str = ""):
     """Yield a temporary path beside ``dest``; rename it to ``dest`` if the block succeeds.
 
-    Stale temporary files of ``dest`` (their writer was killed) are removed first.
+    Stale temporary files of ``dest`` (their writer was killed) are removed first. A ``dest``
+    that cannot be written is an :class:`OutputError` naming it (one line, no traceback).
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    _clean_once(dest.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.{os.getpid()}-{_HOST}.", suffix=suffix + ".tmp",
-                               dir=dest.parent)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        _clean_once(dest.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.{os.getpid()}-{_HOST}.", suffix=suffix + ".tmp",
+                                   dir=dest.parent)
+    except OSError as e:
+        raise OutputError(f"{dest}: cannot write the output ({_why_not_writable(dest, e)})") from None
     os.close(fd)
     try:
         yield Path(tmp)
-        os.replace(tmp, dest)
+        try:
+            os.replace(tmp, dest)
+        except OSError as e:
+            raise OutputError(f"{dest}: cannot write the output ({_why_not_writable(dest, e)})") from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

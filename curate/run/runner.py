@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from curate import __version__
-from curate.atomic import write_json
+from curate.atomic import check_output, write_json
 from curate.catalog.connection import default_catalog
 from curate.run.query import (FilterFile, check_uid_column, filter_error, json_value, locate_bad_uid, open_filter,
                               precompute_thresholds)
@@ -58,7 +58,7 @@ def run_filter(filter_path, catalog=None, out=None, sets=None, progress=False) -
     """
     t0 = time.perf_counter()
     catalog = Path(catalog) if catalog else default_catalog()
-    out = Path(out) if out else default_out(filter_path)
+    out = check_output(Path(out) if out else default_out(filter_path))  # before the work, not after
     # DuckDB's bar writes to stdout; only show it to a person at a terminal. Let DuckDB's threads
     # run a couple of batches ahead of the one being parsed (the default buffer of about 1 MB
     # stalls the query after every batch or so; much larger ones cost more in page faults than
