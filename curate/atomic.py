@@ -164,3 +164,127 @@ def file_sha256(path: str | os.PathLike, block: int = 1 << 20) -> str:
         for chunk in iter(lambda: fh.read(block), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+# -- output directories: build beside, swap in when complete ------------------------------------
+
+def _building(dest: Path) -> Path:
+    return dest.with_name(f".{dest.name}.curate-new")
+
+
+def _old(dest: Path) -> Path:
+    return dest.with_name(f".{dest.name}.curate-old")
+
+
+def _rmtree(p: Path) -> None:
+    import shutil  # lazy: only directory outputs need it
+
+    if p.is_symlink() or p.is_file():
+        p.unlink()
+    elif p.is_dir():
+        shutil.rmtree(p)
+
+
+def _recover_dir(dest: Path, entries: tuple[str, ...] | None) -> None:
+    """Finish a swap a killed run left half done (the old one is moved aside only once the new
+    one is complete), then drop the leftovers of a killed build."""
+    new, old = _building(dest), _old(dest)
+    if old.is_dir() and not old.is_symlink():
+        if entries is None:
+            if not dest.exists() and new.is_dir():
+                new.rename(dest)
+        else:
+            for e in entries:
+                if (new / e).exists() or (new / e).is_symlink():
+                    if dest.joinpath(e).exists() and not (old / e).exists():
+                        dest.joinpath(e).rename(old / e)
+                    (new / e).rename(dest / e)
+        _rmtree(old)
+    if new.is_dir() and not new.is_symlink():
+        _rmtree(new)
+
+
+def foreign_entries(dest: str | os.PathLike, owned: re.Pattern, entries: tuple[str, ...] | None = None) -> list[str]:
+    """The paths under ``dest`` (relative, ``/``-separated) that ``owned`` does not match: every
+    file and link (directories are walked), or only those under the top-level ``entries``."""
+    dest = Path(dest)
+    tops = [dest / e for e in entries] if entries is not None else [dest]
+    bad = []
+    for top in tops:
+        if top.is_symlink() or top.is_file():
+            rel = top.relative_to(dest).as_posix()
+            if not owned.fullmatch(rel) or top.is_symlink():
+                bad.append(rel)
+            continue
+        if not top.is_dir():
+            continue
+        for root, dirs, files in os.walk(top):
+            for n in sorted(files) + sorted(d for d in dirs if os.path.islink(os.path.join(root, d))):
+                p = Path(root, n)
+                rel = p.relative_to(dest).as_posix()
+                if not owned.fullmatch(rel) or p.is_symlink():
+                    bad.append(rel)
+    return sorted(bad)
+
+
+@contextlib.contextmanager
+def replace_dir(dest: str | os.PathLike, owned: re.Pattern, *, entries: tuple[str, ...] | None = None,
+                what: str = "curate", error: type[CurateError] = OutputError):
+    """Yield an empty directory beside ``dest`` (``.<name>.curate-new``) to build a new output in;
+    when the block succeeds it replaces ``dest``; when it fails it is removed and ``dest`` is left
+    as it was (byte for byte).
+
+    ``owned`` (a pattern over paths relative to ``dest``) says what the command writes: a ``dest``
+    holding any other file (or a link) is refused before the block runs, in one line, so nothing
+    curate did not write is ever removed. ``entries``: only these top-level names of ``dest`` are
+    the output (replaced, or removed when the new output lacks them); everything else in ``dest``
+    is left alone (e.g. ``curate tic export``'s directory, which also holds ``tic prepare``'s data
+    dirs). Without ``entries`` the whole directory is swapped.
+
+    A run killed during the swap is finished by the next call for the same ``dest`` (the old
+    output is moved aside only once the new one is complete); a killed build is removed.
+    """
+    dest = Path(dest)
+    dest = dest.parent.resolve() / dest.name if dest.name else dest.resolve()
+    if dest.is_symlink():
+        dest = dest.resolve()
+    if dest.exists() and not dest.is_dir():
+        raise error(f"{dest}: exists and is not a directory")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        _recover_dir(dest, entries)
+    except OSError as e:
+        raise error(f"{dest}: cannot write the output ({_why_not_writable(dest / 'x', e)})") from None
+    bad = foreign_entries(dest, owned, entries) if dest.is_dir() else []
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise error(f"{dest}: {bad[0]}{more} was not written by {what}; nothing was changed: move it away or "
+                    f"choose another output directory")
+    new, old = _building(dest), _old(dest)
+    try:
+        new.mkdir()
+    except OSError as e:
+        raise error(f"{new}: cannot create the new output beside the old one ({_why_not_writable(new, e)})") from None
+    try:
+        yield new
+    except BaseException:
+        _rmtree(new)
+        raise
+    try:
+        if entries is None:
+            if dest.exists():
+                dest.rename(old)
+            new.rename(dest)
+        else:
+            dest.mkdir(exist_ok=True)
+            old.mkdir()
+            for e in entries:
+                if (dest / e).exists() or (dest / e).is_symlink():
+                    (dest / e).rename(old / e)
+            for e in entries:
+                if (new / e).exists() or (new / e).is_symlink():
+                    (new / e).rename(dest / e)
+        _rmtree(old)
+        _rmtree(new)
+    except OSError as e:
+        raise error(f"{dest}: cannot replace the output ({e.strerror or e}); run the command again") from None

@@ -139,8 +139,11 @@ def copy(src, dest, storage_options: dict | None = None) -> None:
 
 
 def register_filesystems(con, paths, storage_options: dict | None = None) -> None:
-    """Let DuckDB read the remote ``paths`` (``read_parquet('s3://...')``) through fsspec."""
-    done = set()
+    """Let DuckDB read the remote ``paths`` (``read_parquet('s3://...')``) through fsspec, so
+    that it never needs (or tries to download) its ``httpfs`` extension. A protocol already
+    registered on ``con`` is kept as it is (DuckDB refuses to register one twice). Registering
+    gives no access by itself: a sandboxed connection still reads only its allowed paths."""
+    done = set(_registered(con))
     for p in paths:
         if p is None or not is_url(p):
             continue
@@ -148,9 +151,60 @@ def register_filesystems(con, paths, storage_options: dict | None = None) -> Non
         if proto in done:
             continue
         fs, _ = filesystem(p, storage_options)
-        con.register_filesystem(fs)
+        con.register_filesystem(_without_dot_segments(fs, storage_options))
         done.add(proto)
         done.update(fs.protocol if isinstance(fs.protocol, (tuple, list)) else [fs.protocol])
+
+
+#: what a registered filesystem says of a path with a ``..`` segment (:func:`dot_segment_url`)
+DOT_SEGMENT = "a '..' segment is not allowed in a URL"
+_GUARDED: dict = {}
+
+
+def _without_dot_segments(fs, storage_options: dict | None):
+    """``fs`` as a filesystem that refuses every path with a ``..`` segment. DuckDB's sandbox
+    compares URLs as text (``s3://pool/meta/../other/x`` starts with ``s3://pool/meta/``); S3
+    keeps such keys literally, but a store or proxy that normalises paths would read outside the
+    allowed prefix, so such paths never reach the store."""
+    cls = type(fs)
+    guarded = _GUARDED.get(cls)
+    if guarded is None:
+        def _strip_protocol(klass, path):
+            for one in ([path] if isinstance(path, str) else path):
+                if ".." in str(one).split("/"):
+                    raise PermissionError(f"{one}: {DOT_SEGMENT}")
+            return super(guarded, klass)._strip_protocol(path)
+
+        guarded = type(f"NoDotSegments{cls.__name__}", (cls,), {"_strip_protocol": classmethod(_strip_protocol)})
+        _GUARDED[cls] = guarded
+    try:
+        return guarded(**(storage_options or {}))
+    except Exception:  # noqa: BLE001 - a filesystem that cannot be re-created so: refuse nothing extra
+        return fs
+
+
+def dot_segment_url(message: str) -> str | None:
+    """The URL a registered filesystem refused for its ``..`` segment, from an error message."""
+    marker = f": {DOT_SEGMENT}"
+    if marker not in message:
+        return None
+    head = message.split(marker, 1)[0]
+    return head.rsplit(" ", 1)[-1]
+
+
+def _registered(con) -> list[str]:
+    try:
+        return list(con.list_filesystems())
+    except Exception:  # noqa: BLE001 - an old DuckDB without list_filesystems: nothing known
+        return []
+
+
+def url_size(path, storage_options: dict | None = None) -> int:
+    """Size in bytes of a local file or an object (a HEAD request on object storage)."""
+    if not is_url(path):
+        return local_path(path).stat().st_size
+    fs, p = filesystem(path, storage_options)
+    return int(fs.size(p))
 
 
 def parse_storage_options(raw: str | None, source: str) -> dict | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -101,3 +102,51 @@ def open_clip_from_run(run_dir: Path):
     model.load_state_dict({k[len("module."):]: v for k, v in sd.items()})
     model.eval()
     return model, pre, open_clip.get_tokenizer(rec["model"])
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray (2 CPUs) for every test that needs it; yields its GCS address."""
+    ray = pytest.importorskip("ray")
+    from curate.engine.ray import connect_ray
+
+    started = not ray.is_initialized()
+    connect_ray(num_cpus=2)
+    yield ray.get_runtime_context().gcs_address
+    if started:
+        ray.shutdown()
+
+
+def free_port() -> int:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@contextlib.contextmanager
+def loopback_s3(*buckets: str):
+    """A moto S3 server on 127.0.0.1 with ``buckets``; yields (fsspec options, endpoint URL)."""
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    opts = {"key": "testing", "secret": "testing",
+            "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing",
+                          aws_secret_access_key="testing", region_name="us-east-1")
+    for b in buckets:
+        client.create_bucket(Bucket=b)
+    try:
+        yield opts, endpoint
+    finally:
+        server.stop()

@@ -18,10 +18,45 @@ from curate.catalog.connection import CatalogError, _view_values, building_catal
 from curate.catalog.schema import IGNORED_FILES, check_columns, extra_columns, read_footer
 
 
+def catalog_urls(con) -> list[str]:
+    """Every URL the open catalog ``con`` points at: pool parquet and ``.npz`` files, files of
+    registered parquet views, the metadata and features directories (local paths left out)."""
+    found: list[str] = []
+    for path, npz in con.execute("SELECT path, npz FROM pool_files ORDER BY file_id").fetchall():
+        found += [p for p in (path, npz) if p]
+    for (paths,) in con.execute("SELECT paths FROM curate_views").fetchall():
+        found += [p for p in paths or () if p]
+    meta = dict(con.execute("SELECT key, value FROM curate_meta").fetchall())
+    found += [meta[k] for k in ("metadata_dir", "features_dir") if meta.get(k)]
+    return [u for u in found if storage.is_url(u)]
+
+
+def register_catalog_filesystems(con, storage_options: dict | None = None) -> list[str]:
+    """Make the catalog's remote files readable on ``con`` through fsspec (never through a
+    DuckDB extension fetched at run time). ``storage_options`` default to
+    ``$CURATE_STORAGE_OPTIONS``. Call before :func:`curate.catalog.connection.sandbox`, which
+    still limits what may be read to the catalog's own files and directories. Returns the URLs."""
+    urls = catalog_urls(con)
+    if urls:
+        if storage_options is None:
+            storage_options = storage.storage_options_from_env()
+        storage.register_filesystems(con, urls, storage_options)
+    return urls
+
+
 def init_remote_catalog(catalog, metadata_url: str, shards_url: str | None = None,
-                        storage_options: dict | None = None, overwrite: bool = False) -> Path:
-    """Create the local catalog file ``catalog`` over the parquet files under ``metadata_url``."""
+                        storage_options: dict | None = None, overwrite: bool = False,
+                        features_dir=None) -> Path:
+    """Create the local catalog file ``catalog`` over the parquet files under ``metadata_url``.
+
+    Feature tables of the pool are written to ``features_dir`` (a local directory; default:
+    ``CATALOG.features`` beside the catalog file), never into the pool's bucket.
+    """
     catalog = Path(catalog).resolve()
+    if features_dir is not None and storage.is_url(features_dir):
+        raise CatalogError(f"{features_dir}: the features directory must be a local directory")
+    if storage.is_url(metadata_url) and ".." in str(metadata_url).split("://", 1)[1].split("/"):
+        raise CatalogError(f"{metadata_url}: a '..' segment is not allowed in a pool URL")
     check_new_catalog(catalog, overwrite)
     fs, root = storage.filesystem(metadata_url, storage_options)
     proto = str(metadata_url).split("://", 1)[0]
@@ -65,7 +100,8 @@ def init_remote_catalog(catalog, metadata_url: str, shards_url: str | None = Non
             "paths": "absolute",
             "metadata_dir": base,
             "shards_dir": shards_url,
-            "features_dir": str(catalog.parent / f"{catalog.name}.features"),
+            "features_dir": str(Path(features_dir).resolve() if features_dir is not None
+                                else catalog.parent / f"{catalog.name}.features"),
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "storage": proto,
         }

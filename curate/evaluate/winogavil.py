@@ -18,7 +18,7 @@ import ast
 import io
 import json
 import os
-import shutil
+import re
 import tarfile
 import time
 from pathlib import Path
@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from curate.atomic import replace_dir
 from curate.evaluate import EvalError
 from curate.evaluate.metrics import winogavil_metrics
 from curate.evaluate.models import LoadedModel, encode_texts, normalize
@@ -199,9 +200,15 @@ def export_winogavil(rows, out_dir: str | os.PathLike, shard_size: int = 500) ->
     """Write WinoGAViL rows (dicts with cue, candidates, associations and candidate_images: PIL
     images or encoded bytes, as the HF dataset yields them) in the layout above, atomically.
     Returns the number of instances."""
-    out = Path(out_dir)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    with replace_dir(out_dir, _OWNED, what="curate eval-export-winogavil", error=EvalError) as tmp:
+        return _write_winogavil(rows, tmp, shard_size)
+
+
+# what eval-export-winogavil writes: only these are ever replaced
+_OWNED = re.compile(r"test/(?:[0-9]+\.tar|nshards\.txt)|dataset_type\.txt|count\.txt")
+
+
+def _write_winogavil(rows, tmp: Path, shard_size: int) -> int:
     (tmp / "test").mkdir(parents=True)
     n, tf = 0, None
 
@@ -236,12 +243,8 @@ def export_winogavil(rows, out_dir: str | os.PathLike, shard_size: int = 500) ->
         (tmp / "test" / "nshards.txt").write_text(f"{-(-n // shard_size)}\n")
         (tmp / "dataset_type.txt").write_text("winogavil\n")
         (tmp / "count.txt").write_text(f"{n}\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
     finally:
         if tf is not None:
             tf.close()
-        shutil.rmtree(tmp, ignore_errors=True)
     return n
 

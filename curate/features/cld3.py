@@ -54,12 +54,15 @@ def settings_identity() -> dict:
     return {"schema": SCHEMA_VERSION, "cld3": cld3_identity()}
 
 
-def compute_file(src: Path, file: str, out: Path, settings: dict, source: dict, progress=None) -> int:
-    """Write the CLD3 labels of one pool file to ``out`` (atomically); returns its row count."""
+def compute_file(src, file: str, out: Path, settings: dict, source: dict, progress=None,
+                 storage_options: dict | None = None) -> int:
+    """Write the CLD3 labels of one pool file (path or URL) to ``out`` (atomically); returns its
+    row count."""
     detector = _cld3()
     return write_caption_table(src, file, out, OUTPUT_SCHEMA, META_KEY,
                                {"file": file, "source": source, "settings": settings},
-                               lambda texts: {"lang_cld3": per_distinct(detector.labels, texts)}, progress)
+                               lambda texts: {"lang_cld3": per_distinct(detector.labels, texts)}, progress,
+                               storage_options)
 
 
 def _settings(out_dir: Path, files: list[PoolFileRef]) -> dict:

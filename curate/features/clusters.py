@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 from duckdb.sqltypes import FLOAT, INTEGER
 from tqdm import tqdm
 
-from curate.atomic import atomic_path, file_sha256, write_json
+from curate.atomic import atomic_path, file_sha256, replace_dir, write_json
 from curate.catalog.connection import connect, default_catalog, features_dir, register_parquet_view
 from curate.engine import Engine, map_tasks
 from curate.errors import CurateError
@@ -231,6 +231,8 @@ def list_cluster_sets(catalog=None) -> list[ClusterSet]:
         con.close()
     out = []
     for d in sorted(root.glob("*/set.json")) if root.is_dir() else []:
+        if not _NAME_RE.match(d.parent.name):
+            continue  # .NAME.curate-new / -old: a set being replaced
         out.append(ClusterSet(d.parent.name, d.parent, json.loads(d.read_text())))
     return out
 
@@ -262,11 +264,24 @@ def _save_set(catalog, name: str, centroids: np.ndarray, key: str, source: dict,
     """Write centroids, target clusters and set.json; drop stale assignments; register views."""
     set_dir, assign_dir = _prepare_dir(catalog, name, overwrite)
     centroids = np.ascontiguousarray(centroids, dtype=np.float32)
-    # the old set (if any) is replaced as a whole: its assignments no longer apply
+    # the new set is built beside the old one and replaces it only when complete: a failed run
+    # leaves the old set (and its assignments) as they were
+    with replace_dir(set_dir, _OWNED, what=f"curate clusters (cluster set '{name}')", error=ClusterError) as new:
+        meta = _write_set(new, name, centroids, key, source, targets, target_files)
+    # the old set's assignments no longer apply
     if assign_dir.exists():
         shutil.rmtree(assign_dir)
-    (set_dir / "set.json").unlink(missing_ok=True)
-    set_dir.mkdir(parents=True, exist_ok=True)
+    _register_targets(catalog)
+    _register_assignments(catalog)
+    return ClusterSet(name, set_dir, meta)
+
+
+# what a cluster set directory holds: only these are ever replaced by --overwrite
+_OWNED = re.compile(r"centroids\.npy|targets\.parquet|set\.json|\..+\.tmp")
+
+
+def _write_set(set_dir: Path, name: str, centroids: np.ndarray, key: str, source: dict,
+               targets: np.ndarray | None, target_files: list[str]) -> dict:
     with atomic_path(set_dir / "centroids.npy", suffix=".npy") as tmp:
         with open(tmp, "wb") as fh:
             np.lib.format.write_array(fh, centroids, allow_pickle=False)
@@ -289,9 +304,7 @@ def _save_set(catalog, name: str, centroids: np.ndarray, key: str, source: dict,
         # on a missing view; the run manifest shows targets: null
         _write_targets(set_dir / "targets.parquet", name, np.empty(0, np.int32))
     write_json(set_dir / "set.json", meta)
-    _register_targets(catalog)
-    _register_assignments(catalog)
-    return ClusterSet(name, set_dir, meta)
+    return meta
 
 
 def _write_targets(path: Path, name: str, ids: np.ndarray) -> None:

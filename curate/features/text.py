@@ -27,6 +27,7 @@ shared with ``text_lang_cld3``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -41,6 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from curate import storage
 from curate.atomic import atomic_path, file_sha256
 from curate.catalog.connection import CatalogError, connect, default_catalog, features_dir, register_parquet_view, resolve_path
 from curate.engine import LOCAL, Engine, map_tasks
@@ -115,15 +117,13 @@ def entity_flags(texts: pa.Array, matcher, split=None) -> np.ndarray:
 # identities (what an output depends on)
 
 
-def source_identity(path: Path) -> dict:
-    """Size and footer hash of a parquet file: changes when its content does, survives copies."""
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        fh.seek(max(0, size - 8))
-        tail = fh.read(8)
-        footer_len = int.from_bytes(tail[:4], "little") if tail[4:] == b"PAR1" else 0
-        fh.seek(max(0, size - 8 - footer_len))
-        footer = fh.read(footer_len + 8)
+def source_identity(path, storage_options: dict | None = None) -> dict:
+    """Size and footer hash of a parquet file (a local path or a URL such as ``s3://...``):
+    changes when its content does, survives copies (a pool on S3 and its local copy agree)."""
+    size = storage.url_size(path, storage_options)
+    tail = storage.read_range(path, max(0, size - 8), size, storage_options)
+    footer_len = int.from_bytes(tail[:4], "little") if tail[4:] == b"PAR1" else 0
+    footer = storage.read_range(path, max(0, size - 8 - footer_len), size, storage_options)
     return {"bytes": size, "footer_sha256": hashlib.sha256(footer).hexdigest()}
 
 
@@ -203,13 +203,22 @@ def per_distinct(labels: Callable[[pa.Array], pa.Array], texts: pa.Array) -> pa.
     return labels(distinct).take(pc.index_in(texts, value_set=distinct))
 
 
-def write_caption_table(src: Path, file: str, out: Path, schema: pa.Schema, meta_key: bytes, meta: dict,
-                        columns: Callable[[pa.Array], dict], progress=None) -> int:
-    """Stream the captions of one pool file through ``columns(texts) -> {name: array}`` and write
-    ``uid, file, row`` + those columns to ``out`` (atomically, ``meta`` in the parquet metadata);
-    returns the row count. NULL or invalid UTF-8 captions raise before anything is renamed."""
+def write_caption_table(src, file: str, out: Path, schema: pa.Schema, meta_key: bytes, meta: dict,
+                        columns: Callable[[pa.Array], dict], progress=None,
+                        storage_options: dict | None = None) -> int:
+    """Stream the captions of one pool file (a local path or a URL, read through fsspec with
+    ``storage_options``) through ``columns(texts) -> {name: array}`` and write ``uid, file,
+    row`` + those columns to the local file ``out`` (atomically, ``meta`` in the parquet
+    metadata); returns the row count. NULL or invalid UTF-8 captions raise before anything is
+    renamed."""
+    with storage.open_input(src, storage_options) if storage.is_url(src) else contextlib.nullcontext(src) as source:
+        return _write_caption_table(source, src, file, out, schema, meta_key, meta, columns, progress)
+
+
+def _write_caption_table(source, src, file: str, out: Path, schema: pa.Schema, meta_key: bytes, meta: dict,
+                         columns: Callable[[pa.Array], dict], progress=None) -> int:
     try:
-        pf = pq.ParquetFile(src)
+        pf = pq.ParquetFile(source)
     except (OSError, pa.ArrowException) as e:
         raise TextFeaturesError(f"{src}: not a readable parquet file ({e})") from None
     names = pf.schema_arrow.names
@@ -242,8 +251,10 @@ def write_caption_table(src: Path, file: str, out: Path, schema: pa.Schema, meta
     return row0
 
 
-def compute_file(src: Path, file: str, out: Path, settings: dict, source: dict, progress=None) -> int:
-    """Write the text features of one pool file to ``out`` (atomically); returns its row count."""
+def compute_file(src, file: str, out: Path, settings: dict, source: dict, progress=None,
+                 storage_options: dict | None = None) -> int:
+    """Write the text features of one pool file (path or URL) to ``out`` (atomically); returns
+    its row count."""
     models = _models(Path(settings["lid_model"]["path"]))
 
     def columns(texts):
@@ -261,15 +272,19 @@ def compute_file(src: Path, file: str, out: Path, settings: dict, source: dict, 
     # lives on this machine, so the same inputs give the same bytes on every machine
     return write_caption_table(src, file, out, OUTPUT_SCHEMA, META_KEY,
                                {"file": file, "source": source, "settings": _comparable(settings)}, columns,
-                               progress)
+                               progress, storage_options)
 
 
 def compute_task(compute: Callable, src: str, file: str, out: str, settings: dict, source: dict,
-                 progress=None) -> tuple[str, int]:
+                 storage_options: dict | None = None, progress=None) -> tuple[str, int]:
     """One stale pool file as a task of :func:`curate.engine.map_tasks`: ``compute`` (a
-    :attr:`CaptionTable.compute`) on it; returns ``(file, rows)``. ``progress(n)`` is told about
-    captions as they are done (locally; Ray tasks count whole files)."""
-    return file, compute(Path(src), file, Path(out), settings, source, progress=progress)
+    :attr:`CaptionTable.compute`) on it; returns ``(file, rows)``. ``src`` stays a URL for a
+    pool in object storage (read with ``storage_options``, which travel with the task, so a
+    worker needs no environment of its own). ``progress(n)`` is told about captions as they
+    are done (locally; Ray tasks count whole files)."""
+    source_path = src if storage.is_url(src) else Path(src)
+    return file, compute(source_path, file, Path(out), settings, source, progress=progress,
+                         storage_options=storage_options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,7 +294,7 @@ def compute_task(compute: Callable, src: str, file: str, out: str, settings: dic
 @dataclass
 class PoolFileRef:
     file: str
-    path: Path
+    path: Path | str  # a local path, or the URL of a pool file in object storage
     num_rows: int
 
 
@@ -317,7 +332,8 @@ def _pool(catalog: Path, view: str = VIEW) -> tuple[list[PoolFileRef], Path, boo
     con = connect(catalog)
     try:
         rows = con.execute("SELECT file, path, num_rows FROM pool_files ORDER BY file_id").fetchall()
-        files = [PoolFileRef(f, resolve_path(con, p, catalog), n) for f, p, n in rows]
+        # a pool in object storage keeps its URLs (resolve_path would make s3:/bucket/... of them)
+        files = [PoolFileRef(f, p if storage.is_url(p) else resolve_path(con, p, catalog), n) for f, p, n in rows]
         out_dir = features_dir(con, catalog) / view
         registered = con.execute("SELECT count(*) FROM curate_views WHERE name = ?", [view]).fetchone()[0] > 0
     finally:
@@ -349,14 +365,15 @@ def _choose_model(lid_model, out_dir: Path, files: list[PoolFileRef]) -> Path:
     return default
 
 
-def _status(table: CaptionTable, files, out_dir, settings) -> tuple[list[PoolFileRef], list[PoolFileRef]]:
+def _status(table: CaptionTable, files, out_dir, settings,
+            storage_options: dict | None = None) -> tuple[list[PoolFileRef], list[PoolFileRef]]:
     want = table.comparable(settings)
     todo, done = [], []
     for f in files:
-        if not f.path.is_file():
+        if not (storage.exists(f.path, storage_options) if storage.is_url(f.path) else Path(f.path).is_file()):
             raise CatalogError(f"{f.path}: pool file listed in the catalog is missing")
         meta = read_output_meta(out_dir / f"{f.file}.parquet", table.meta_key)
-        ok = (meta is not None and meta.get("source") == source_identity(f.path)
+        ok = (meta is not None and meta.get("source") == source_identity(f.path, storage_options)
               and table.comparable(meta["settings"]) == want and meta.get("rows") == f.num_rows)
         (done if ok else todo).append(f)
     return todo, done
@@ -370,25 +387,28 @@ class Plan:
     settings: dict
     todo: list[PoolFileRef]
     done: list[PoolFileRef]
+    storage_options: dict | None = None  # for pool files in object storage ($CURATE_STORAGE_OPTIONS)
 
     def outputs(self) -> list[Path]:
         return [self.out_dir / f"{f.file}.parquet" for f in self.files]
 
     def tasks(self) -> list[tuple]:
-        """``(src, file, out, settings, source)`` of every stale file: the arguments of ``compute``."""
+        """``(src, file, out, settings, source, storage_options)`` of every stale file: the
+        arguments of :func:`compute_task` after ``compute``."""
         return [(str(f.path), f.file, str(self.out_dir / f"{f.file}.parquet"), self.settings,
-                 source_identity(f.path)) for f in self.todo]
+                 source_identity(f.path, self.storage_options), self.storage_options) for f in self.todo]
 
 
 def plan(table: CaptionTable, catalog: Path, force: bool = False, **options) -> Plan:
     """Which pool files lack a current output of ``table`` (all of them with ``force``)."""
     files, out_dir, registered = _pool(catalog, table.view)
+    opts = storage.storage_options_from_env() if any(storage.is_url(f.path) for f in files) else None
     # with force, the outputs there are replaced: what they were built with does not matter
     settings = table.settings(out_dir, [] if force else files, **options)
-    todo, done = _status(table, files, out_dir, settings)
+    todo, done = _status(table, files, out_dir, settings, opts)
     if force:
         todo, done = files, []
-    return Plan(files, out_dir, registered, settings, todo, done)
+    return Plan(files, out_dir, registered, settings, todo, done, opts)
 
 
 def task_engine(todo: list[PoolFileRef], engine: Engine | None = None) -> Engine:

@@ -26,6 +26,7 @@ import io
 import json
 import logging
 import os
+import re
 import tarfile
 import tempfile
 import time
@@ -39,7 +40,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from curate import resources
-from curate.atomic import atomic_path, file_sha256, write_json
+from curate.atomic import atomic_path, file_sha256, replace_dir, write_json
 from curate.catalog.connection import init_catalog
 from curate.catalog.schema import POOL_SCHEMA, extra_columns
 from curate.errors import CurateError
@@ -49,6 +50,8 @@ from curate.pool.download import (MANIFEST, SAMPLES_PER_SHARD, STATUS_DIR, Downl
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 EMBEDDINGS = ("b32", "l14")
 MODEL_RECORD = ".byod_model.json"  # dot-name: the catalog ignores it in a metadata dir
+# what byod score writes in its output dir: only these are ever replaced by --overwrite
+_OWNED = re.compile(r"[0-9]{8}\.(?:parquet|npz)|" + re.escape(MODEL_RECORD) + r"|\..+\.tmp")
 
 
 class ByodError(CurateError):
@@ -407,8 +410,22 @@ def score_data_dir(data_dir: str | os.PathLike, arch: str | None, checkpoint: st
             raise ByodError(f"{out_dir}: already scored with {before.get('model')} "
                             f"(checkpoint sha256 {str(before.get('checkpoint_sha256'))[:12]}..., {before.get('embedding')}); "
                             f"use another --out or --overwrite")
+    if overwrite:
+        # rescoring is built beside the earlier output and replaces it only once every shard is
+        # scored: a failed run leaves it as it was; a directory holding files byod did not write
+        # is refused
+        with replace_dir(out_dir, _OWNED, what="curate byod score", error=ByodError) as build:
+            write_json(build / MODEL_RECORD, record)
+            res = score_shards(data_dir / "shards", build, model, preprocess, tokenizer, embedding=embedding,
+                               batch_size=batch_size, device=device, progress=progress, overwrite=True,
+                               metadata_dir=metadata_dir)
+        res.out_dir, res.files = out_dir, [out_dir / p.name for p in res.files]
+        return res
     # recorded before scoring, so an interrupted run cannot be resumed with another model
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ByodError(f"{out_dir}: cannot create ({e.strerror or e})") from None
     write_json(rec_path, record)
     return score_shards(data_dir / "shards", out_dir, model, preprocess, tokenizer, embedding=embedding,
                         batch_size=batch_size, device=device, progress=progress, overwrite=overwrite,

@@ -26,6 +26,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import time
 import urllib.parse
@@ -41,6 +42,7 @@ from tqdm import tqdm
 from curate.atomic import atomic_path, write_json
 from curate.catalog.connection import init_catalog, register_parquet_view
 from curate.catalog.schema import POOL_COLUMNS, check_columns, read_footer
+from curate.engine import die_with_parent
 from curate.errors import CurateError
 
 #: DataComp's hub repositories per scale (download_upstream.py).
@@ -353,42 +355,101 @@ def probe_hosts(md: Metadata, sample: int = 64, max_hosts: int = 8, timeout: flo
                         f"hosts of the first URLs answered, so nothing was downloaded (is the network down?)")
 
 
+_ARMED = False  # in an img2dataset worker process: whether it already dies with its parent
+
+
+def _arm_dies_with_parent(parent: int) -> None:
+    """Runs where a :class:`_DiesWithParent` is unpickled: in img2dataset's worker processes."""
+    global _ARMED
+    if not _ARMED and os.getpid() != parent:
+        die_with_parent(parent)
+        _ARMED = True
+
+
+class _DiesWithParent:
+    """Pickled along with img2dataset's Downloader (sent with every shard task to its pool
+    workers) and its LoggerProcess (sent to that spawned process): unpickling it there makes the
+    process die with the `curate download` process that started it.
+
+    img2dataset's spawned processes do not notice their parent's death: after a ``kill -9`` of
+    the command, the logger polls ``shards/`` forever and a pool worker finishes its shard,
+    writing into ``shards/`` next to the re-run (which rewrites that same shard)."""
+
+    def __init__(self, parent: int):
+        self.parent = parent
+
+    def __reduce__(self):
+        return _arm_dies_with_parent, (self.parent,)
+
+
+class _WorkersDieWithParent:
+    """While active, the Downloader and LoggerProcess img2dataset creates carry a
+    :class:`_DiesWithParent` (img2dataset has no hook for its workers' start-up)."""
+
+    NAMES = ("Downloader", "LoggerProcess")
+
+    def __init__(self, module):
+        self.module = module
+        self.saved = {n: getattr(module, n) for n in self.NAMES if hasattr(module, n)}
+
+    def __enter__(self):
+        guard = _DiesWithParent(os.getpid())
+
+        def guarded(cls):
+            def make(*args, **kwargs):
+                obj = cls(*args, **kwargs)
+                obj._curate_dies_with_parent = guard
+                return obj
+            return make
+
+        for name, cls in self.saved.items():
+            setattr(self.module, name, guarded(cls))
+        return self
+
+    def __exit__(self, *exc):
+        for name, cls in self.saved.items():
+            setattr(self.module, name, cls)
+
+
 def run_img2dataset(metadata_dir: Path, shards_dir: Path, md: Metadata, s: DownloadSettings) -> None:
-    """Call the real img2dataset with DataComp's arguments (plus hash verification)."""
+    """Call the real img2dataset with DataComp's arguments (plus hash verification); its worker
+    processes die with this one (:class:`_DiesWithParent`)."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations asks PyPI at import
     os.environ.setdefault("WANDB_MODE", "disabled")
     try:
         from img2dataset import download as i2d_download  # lazy: optional extra [download]
+        i2d_main = sys.modules[i2d_download.__module__]  # `img2dataset.main` is shadowed by a function
     except ImportError:
         raise DownloadError("img2dataset is not installed (pip install 'curate[download]')") from None
     verify = ["sha256", "sha256"] if (s.verify_hash and md.has_sha256) else None
     old_sigint = signal.getsignal(signal.SIGINT)  # img2dataset installs its own; give ours back
     try:
-        i2d_download(
-            url_list=str(metadata_dir),
-            output_folder=str(shards_dir),
-            input_format="parquet",
-            output_format="webdataset",
-            url_col="url",
-            caption_col="text",
-            bbox_col="face_bboxes" if s.blur else None,
-            save_additional_columns=["uid"],
-            number_sample_per_shard=SAMPLES_PER_SHARD,
-            oom_shard_count=OOM_SHARD_COUNT,
-            processes_count=s.processes,
-            thread_count=s.threads,
-            image_size=s.image_size,
-            resize_mode=s.resize_mode,
-            resize_only_if_bigger=s.resize_only_if_bigger,
-            encode_format=s.encode_format,
-            compute_hash="sha256",
-            verify_hash=verify,
-            retries=s.retries,
-            timeout=s.timeout,
-            incremental_mode="incremental",
-            enable_wandb=False,
-            distributor="multiprocessing",
-        )
+        with _WorkersDieWithParent(i2d_main):
+            i2d_download(
+                url_list=str(metadata_dir),
+                output_folder=str(shards_dir),
+                input_format="parquet",
+                output_format="webdataset",
+                url_col="url",
+                caption_col="text",
+                bbox_col="face_bboxes" if s.blur else None,
+                save_additional_columns=["uid"],
+                number_sample_per_shard=SAMPLES_PER_SHARD,
+                oom_shard_count=OOM_SHARD_COUNT,
+                processes_count=s.processes,
+                thread_count=s.threads,
+                image_size=s.image_size,
+                resize_mode=s.resize_mode,
+                resize_only_if_bigger=s.resize_only_if_bigger,
+                encode_format=s.encode_format,
+                compute_hash="sha256",
+                verify_hash=verify,
+                retries=s.retries,
+                timeout=s.timeout,
+                incremental_mode="incremental",
+                enable_wandb=False,
+                distributor="multiprocessing",
+            )
     finally:
         signal.signal(signal.SIGINT, old_sigint)
 

@@ -37,8 +37,9 @@ from typing import Callable
 
 import duckdb
 
-from curate import resources
+from curate import resources, storage
 from curate.catalog.connection import catalog_read_paths, connect, default_catalog, sandbox
+from curate.catalog.remote import register_catalog_filesystems
 from curate.catalog.schema import POOL_COLUMNS, read_footer
 from curate.errors import CurateError
 from curate.features.registry import ensure_features, needed_producers, producer
@@ -250,10 +251,13 @@ def _strip_comments(sql: str) -> str:
 
 
 def denied_path(e: Exception) -> str | None:
-    """The path a sandboxed connection refused to read, from DuckDB's PermissionException."""
+    """The path a sandboxed connection refused to read, from DuckDB's PermissionException (or
+    a URL with a ``..`` segment, which curate's remote filesystems refuse: :mod:`curate.storage`)."""
     if isinstance(e, duckdb.PermissionException):
         m = _DENIED_PATH.search(str(e))
         return m.group(1) if m else "a file"
+    if isinstance(e, duckdb.Error):
+        return storage.dot_segment_url(str(e))
     return None
 
 
@@ -288,7 +292,13 @@ def pool_changed(con, catalog=None) -> str | None:
     expected = [*POOL_COLUMNS, *extra]
     problems = []
     for (stored,) in rows:
-        if "://" in stored:
+        if storage.is_url(stored):
+            try:
+                gone = not storage.exists(stored, storage.storage_options_from_env())
+            except (CurateError, OSError):
+                gone = False  # cannot tell: DuckDB's own message is shown
+            if gone:
+                problems.append(f"{stored} is missing")
             continue
         path = Path(stored) if Path(stored).is_absolute() else base / stored
         if not path.is_file():
@@ -464,6 +474,7 @@ def build_features(catalog, flt: FilterFile, sets: dict, progress: bool = False)
     if params is None:
         con = connect(catalog)
         try:
+            register_catalog_filesystems(con)
             sandbox_catalog(con, catalog)
             params = prepare(con, flt, sets)[1]
         finally:
@@ -502,7 +513,7 @@ def sandbox_catalog(con, catalog=None) -> None:
 
 def open_filter(filter_path, catalog=None, sets: dict | None = None, *, progress: bool = False,
                 features: bool = True, before_prepare: Callable | None = None,
-                settings: dict | None = None) -> OpenFilter:
+                settings: dict | None = None, storage_options: dict | None = None) -> OpenFilter:
     """Steps 1-3: load ``filter_path``, build its feature views (unless ``features=False``),
     connect to ``catalog`` and prepare the filter there once.
 
@@ -510,6 +521,11 @@ def open_filter(filter_path, catalog=None, sets: dict | None = None, *, progress
     runner registers remote filesystems there); its result is :attr:`OpenFilter.context`.
     ``settings`` (DuckDB options, e.g. ``enable_progress_bar``) are set next; then the
     connection is sandboxed (:func:`sandbox_catalog`) and its configuration locked.
+
+    A catalog over object storage (``curate ray catalog-init``) keeps its URLs: DuckDB reads
+    them through fsspec filesystems registered first with ``storage_options`` (default
+    ``$CURATE_STORAGE_OPTIONS``), never through an extension fetched at run time, and the
+    sandbox allows exactly the pool's ``s3://bucket/prefix/`` and its listed files.
     """
     catalog = Path(catalog) if catalog else default_catalog()
     sets = sets or {}
@@ -517,6 +533,7 @@ def open_filter(filter_path, catalog=None, sets: dict | None = None, *, progress
     built = build_features(catalog, flt, sets, progress) if features else {}
     con = connect(catalog)
     try:
+        register_catalog_filesystems(con, storage_options)
         context = before_prepare(con) if before_prepare else None
         for name, value in (settings or {}).items():
             con.execute(f"SET {name} = ?", [value])  # names are curate's own, never user input

@@ -143,7 +143,8 @@ def _open(filter_path, catalog, sets: dict, progress: bool, storage_options) -> 
         storage.register_filesystems(con, _inputs(ctx), storage_options)
         return ctx
 
-    return open_filter(flt, catalog, sets, progress=progress, before_prepare=attach_pool)
+    return open_filter(flt, catalog, sets, progress=progress, before_prepare=attach_pool,
+                       storage_options=storage_options)
 
 
 def _plan(filter_path, catalog, sets: dict, progress: bool, storage_options) -> _Plan:

@@ -30,6 +30,7 @@ the eval sets resharded into clip_benchmark webdatasets (:mod:`curate.tic.evalse
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from curate import resources
-from curate.atomic import atomic_path, write_json
+from curate.atomic import atomic_path, replace_dir, write_json
 from curate.catalog.connection import connect, shards_dir
 from curate.engine import Engine
 from curate.run import RunResult, run_filter
@@ -306,6 +307,47 @@ def export_tic(catalog, out, filter_path=None, sets: dict | None = None, *, eval
     one line per finished step (the command prints them).
     """
     echo = echo or (lambda line: None)
+    out = Path(out)
+    # built beside OUT and swapped in when complete: a failed run leaves an earlier export as it
+    # was; only the export's own entries are replaced, the rest of OUT (tic prepare's data dirs,
+    # the user's files) is left alone
+    with replace_dir(out, _OWNED, entries=EXPORT_ENTRIES, what="curate tic export", error=TicError) as build:
+        cache, kept = out / "eval" / _RESHARD, build / "eval" / _RESHARD
+        if cache.is_dir() and not cache.is_symlink():  # the eval sets' resharder outputs: a rerun resumes them
+            kept.parent.mkdir()
+            cache.rename(kept)
+        try:
+            done = _export_tic(catalog, build, out, filter_path, sets, eval_sets, shards, engine, progress, echo)
+        except BaseException:
+            if kept.is_dir() and out.is_dir() and not cache.exists():
+                (out / "eval").mkdir(exist_ok=True)
+                kept.rename(cache)
+            raise
+    done.splits.out = out
+    if done.eval_sets is not None:
+        e = done.eval_sets
+        e.dirs = {_moved(k, build, out): v for k, v in e.dirs.items()}
+        e.missing = {_moved(k, build, out): v for k, v in e.missing.items()}
+        e.tasklist = e.tasklist and _moved(e.tasklist, build, out)
+    return done
+
+
+# the top-level entries of OUT that tic export writes (and replaces as a whole on a rerun), and
+# the files it writes under them: a rerun refuses an OUT whose entries hold anything else
+EXPORT_ENTRIES = ("yearly", "monthly", "eval", "filter", "export.json")
+_RESHARD = ".reshard"
+_OWNED = re.compile(r"(?:yearly|monthly)/(?:-?[0-9]+\.npy|sizes\.json)|eval/.+|filter/.+|export\.json"
+                    r"|(?:yearly|monthly)/\..+\.tmp")
+
+
+def _moved(path: str, build: Path, out: Path) -> str:
+    p = Path(path)
+    return str(out / p.relative_to(build)) if p.is_relative_to(build) else path
+
+
+def _export_tic(catalog, out: Path, shown: Path, filter_path, sets, eval_sets, shards, engine, progress,
+                echo) -> TicExport:
+    """:func:`export_tic` into ``out`` (the new output being built); messages name ``shown``."""
     sets = sets or {}
     filter_run = None
     if filter_path is not None:
@@ -313,14 +355,14 @@ def export_tic(catalog, out, filter_path=None, sets: dict | None = None, *, eval
     if engine is not None and engine.distributed and filter_path is not None and filter_path.suffix == ".sql":
         subset = Path(out) / "filter" / (filter_path.stem + ".npy")
         filter_run = run_filter(filter_path, catalog=catalog, out=subset, sets=sets, progress=progress, engine=engine)
-        echo(f"filter {filter_path} on ray: {filter_run.count:,} uids -> {subset}")
+        echo(f"filter {filter_path} on ray: {filter_run.count:,} uids -> {shown / subset.relative_to(out)}")
         filter_path, sets = subset, {}
     r = export_splits(catalog, out, filter_path, sets, progress=progress)
     done = TicExport(r, filter_run)
     echo(f"read {r.rows_read:,} timestamped samples of {r.pool_rows:,}"
          + (f" (training splits ∩ {r.filter})" if r.filter else ""))
     echo(f"wrote {len(r.yearly)} yearly files ({sum(r.yearly.values()):,} uids) and {len(r.monthly)} monthly "
-         f"files under {out} in {r.elapsed:.2f}s")
+         f"files under {shown} in {r.elapsed:.2f}s")
     echo(f"eval subsets: retrieval {sum(r.retrieval.values()):,} uids, "
          f"datacompnet {sum(r.datacompnet.values()):,} uids in {len(r.retrieval) + len(r.datacompnet)} files")
     if eval_sets is False or not (r.retrieval or r.datacompnet):
@@ -335,11 +377,12 @@ def export_tic(catalog, out, filter_path=None, sets: dict | None = None, *, eval
     t0 = time.perf_counter()
     e = done.eval_sets = reshard_eval_sets(out, shards, catalog=catalog, progress=progress, engine=engine)
     echo(f"eval sets: {sum(e.dirs.values()):,} samples in {len(e.dirs)} clip_benchmark dirs under "
-         f"{Path(out) / 'eval'} (read {e.input_shards_read} of {e.input_shards_total} pool shards) "
+         f"{shown / 'eval'} (read {e.input_shards_read} of {e.input_shards_total} pool shards) "
          f"in {time.perf_counter() - t0:.2f}s")
     if e.missing:
         echo(f"note: {sum(e.missing.values()):,} eval uids have no downloaded sample in {shards}")
-    echo(f"wrote {e.tasklist} (curate eval --tasks {e.tasklist} --data-dir {out})")
+    tasklist = shown / Path(e.tasklist).relative_to(out)
+    echo(f"wrote {tasklist} (curate eval --tasks {tasklist} --data-dir {shown})")
     return done
 
 

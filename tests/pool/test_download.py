@@ -56,13 +56,14 @@ class ImageServer:
     def __init__(self):
         self.routes: dict[str, tuple[int, bytes, float]] = {}
         self.requests: Counter = Counter()
-        self.gate = threading.Event()  # /gate/* paths block until set (for the kill test)
+        self.gate = threading.Event()  # /gate/* paths block until set (for the kill tests)
+        self.held: set[str] | None = None  # when a set: only these /gate/* paths block
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 - http.server naming
                 server.requests[self.path] += 1
-                if self.path.startswith("/gate/"):
+                if self.path.startswith("/gate/") and (server.held is None or self.path in server.held):
                     server.gate.wait(60)
                 status, body, delay = server.routes.get(self.path, (404, b"not found", 0.0))
                 if delay:
@@ -71,7 +72,10 @@ class ImageServer:
                 self.send_header("Content-Type", "image/jpeg")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                try:
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client was killed (the kill tests)
 
             def log_message(self, *args):
                 pass
@@ -341,6 +345,148 @@ def test_resume_after_kill_then_byod_score(tmp_path, server):
         [(r["uid"], 0, i) for i, r in enumerate(a)] + [(r["uid"], 1, 10000 + i) for i, r in enumerate(b)])
     assert [t for *_, t in rows] == [r["text"] for r in a + b]
     con.close()
+
+
+# img2dataset's _stats.json fields that hold wall-clock readings (downloader.py: start_time and
+# end_time are time.time() around the shard, duration their difference); every other field
+# (count, successes, failed_to_download, failed_to_resize, status_dict) must match exactly
+STATS_CLOCK_FIELDS = {"start_time", "end_time", "duration"}
+KILL_A = ["ok", "ok_face", "missing", "gate", "corrupt", "tampered", "ok"]  # shard 0
+KILL_B = ["ok", "tampered", "ok", "missing", "gate", "ok"]  # shard 1
+
+
+def tar_without_mtimes(path: Path) -> list[tuple]:
+    """Every member in order: all its header fields and pax records except mtime (and the header
+    checksum, which covers mtime), and its bytes (see the kill test)."""
+    with tarfile.open(path) as tf:
+        return [(sorted((k, v) for k, v in m.get_info().items() if k not in ("mtime", "chksum")),
+                 sorted((k, v) for k, v in m.pax_headers.items() if k != "mtime"),
+                 tf.extractfile(m).read() if m.isfile() else None) for m in tf.getmembers()]
+
+
+def session_processes(sid: int, needle: str) -> dict[int, str]:
+    """Live processes in session ``sid`` (every process the killed run started inherits it) or
+    whose command line mentions ``needle`` (the test's data dir); zombies do not count."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # state ppid pgrp session ...
+        if fields[0] != "Z" and (int(fields[3]) == sid or needle in cmd):
+            out[int(d.name)] = cmd
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to find surviving processes")
+@pytest.mark.parametrize("point", ["during_first_shard", "after_first_shard"])
+def test_kill_9_then_rerun_equals_uninterrupted_download(tmp_path, server, point):
+    """``kill -9`` of `curate download` (its main process only), then the same command again,
+    gives the same files as a download that was never interrupted, and leaves nothing behind.
+
+    Killed either while shard 0 waits on the server, or after shard 0 finished while shard 1
+    waits. Compared with an uninterrupted download of the same metadata into another data dir:
+    the shard parquet files, curate's download_status/*.parquet, download_report.json and
+    download_manifest.json are byte-identical. What legitimately differs, all img2dataset's:
+
+    * tars: webdataset's TarWriter stamps each member's mtime with time.time() (img2dataset
+      gives it no fixed mtime); a float mtime goes into a pax record (``NN mtime=1764...``, of
+      varying length, so even the members' offsets shift) and the ustar header's mtime and
+      checksum. The tars are compared member by member, in order: every header field and pax
+      record except mtime (and the checksum), and every byte of every member's content;
+    * ``_stats.json``: start_time, end_time and duration (STATS_CLOCK_FIELDS) are wall-clock;
+    * order: img2dataset writes samples in completion order (ThreadPool.imap_unordered), so with
+      more than one thread per process the order of tar members and shard parquet rows varies
+      between any two runs, killed or not; this test pins it with ``--threads 1``. curate's own
+      status files are sorted by key and do not depend on it.
+
+    The killed run's worker processes (img2dataset's pool worker and logger, multiprocessing's
+    resource tracker) must not outlive it: an orphaned worker would go on writing into shards/
+    next to the re-run.
+    """
+    a, b = make_rows(server, KILL_A, 0), make_rows(server, KILL_B, 100)
+    meta = tmp_path / "meta"
+    write_meta(meta / "a.parquet", a)
+    write_meta(meta / "b.parquet", b)
+    held = "/gate/3.jpg" if point == "during_first_shard" else "/gate/104.jpg"
+
+    def cmd(data: Path) -> list[str]:
+        return [sys.executable, "-m", "curate.cli.main", "download", "--metadata-dir", str(meta),
+                "--data-dir", str(data), "--processes", "1", "--threads", "1", "--image-size", "32",
+                "--retries", "0", "--timeout", "30"]
+
+    server.held = set()  # the reference run: nothing blocks
+    ref = tmp_path / "reference"
+    r = subprocess.run(cmd(ref), capture_output=True, text=True, cwd=REPO, timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    server.held = {held}
+    data = tmp_path / "killed"
+    proc = subprocess.Popen(cmd(data), cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 180
+        while not (server.requests[held] >= 2 and (point == "during_first_shard"
+                                                   or (data / "shards" / "00000000_stats.json").exists())):
+            # >= 2: the reference run asked once already
+            assert time.time() < deadline and proc.poll() is None, f"download did not reach {held}"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)  # the main process only, as `kill -9 PID` or the OOM killer would
+        proc.wait()
+        deadline = time.time() + 15  # a worker gets SIGKILL from the kernel, at worst its watchdog's poll
+        while (left := session_processes(proc.pid, str(data))) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not left, f"processes of the killed run survived: {left}"
+    finally:
+        for pid in session_processes(proc.pid, str(data)):  # never leak them into other tests
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        server.gate.set()
+    shards = data / "shards"
+    if point == "during_first_shard":
+        assert not (shards / "00000000_stats.json").exists()
+    else:
+        assert (shards / "00000000_stats.json").exists() and not (shards / "00000001_stats.json").exists()
+
+    first = Counter(server.requests)
+    r = subprocess.run(cmd(data), capture_output=True, text=True, cwd=REPO, timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    again = server.requests - first
+    unfinished = a + b if point == "during_first_shard" else b
+    assert again == Counter(r["url"][len(server.base):] for r in unfinished)  # those shards' rows, once each
+
+    files, ref_files = sorted(p.relative_to(data) for p in data.rglob("*")), sorted(
+        p.relative_to(ref) for p in ref.rglob("*"))
+    assert files == ref_files  # no temp file, no img2dataset _tmp dir, no stray probe anywhere
+    assert not [p for p in files if "tmp" in p.name or p.name.startswith(".")]
+    assert {str(p) for p in files if p.parent == Path("shards")} == {
+        f"shards/0000000{s}{ext}" for s in (0, 1) for ext in (".tar", ".parquet", "_stats.json")}
+    for rel in files:
+        got, want = data / rel, ref / rel
+        if got.is_dir():
+            continue
+        if rel.suffix == ".tar":
+            assert tar_without_mtimes(got) == tar_without_mtimes(want), rel
+        elif rel.name.endswith("_stats.json"):
+            g, w = json.loads(got.read_text()), json.loads(want.read_text())
+            assert set(g) == set(w) and STATS_CLOCK_FIELDS <= set(g)
+            assert {k: v for k, v in g.items() if k not in STATS_CLOCK_FIELDS} == {
+                k: v for k, v in w.items() if k not in STATS_CLOCK_FIELDS}, rel
+        else:  # shard parquet, download_status/*.parquet, download_report.json, download_manifest.json
+            assert got.read_bytes() == want.read_bytes(), rel
+    rep = json.loads((data / "download_report.json").read_text())
+    assert rep["counts"] == {"success": 8, "failed_to_download": 2, "failed_to_resize": 1, "hash_mismatch": 2}
+    status = pq.read_table(data / "download_status", columns=["uid", "status"]).to_pylist()
+    assert {s["uid"]: s["status"] for s in status} == {r["uid"]: EXPECTED[r["kind"]] for r in a + b}
+    for shard, rows in ((0, a), (1, b)):
+        jpgs = sorted(n[:-4] for n in tar_members(shards / f"{shard:08d}.tar") if n.endswith(".jpg"))
+        assert jpgs == [f"{shard * 10000 + i:012d}" for i, r in enumerate(rows) if EXPECTED[r["kind"]] == "success"]
 
 
 def test_unreachable_host_is_one_clear_error(tmp_path):

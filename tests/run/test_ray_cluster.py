@@ -10,7 +10,6 @@ import filecmp
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,20 +24,10 @@ from curate.catalog.connection import init_catalog  # noqa: E402
 from curate.engine import Engine  # noqa: E402
 from curate.errors import CurateError  # noqa: E402
 from curate.run.runner import run_filter  # noqa: E402
+from tests.conftest import loopback_s3  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 FILTERS = sorted((REPO / "filters").glob("*.sql"))
-
-
-@pytest.fixture(scope="session")
-def ray_session():
-    from curate.engine.ray import connect_ray
-
-    started = not ray.is_initialized()
-    connect_ray(num_cpus=2)
-    yield ray.get_runtime_context().gcs_address
-    if started:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -187,31 +176,11 @@ def test_killed_run_resumes_from_completed_partitions(ray_session, tmp_path):
     assert not work.exists() or not any(work.iterdir())
 
 
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 @pytest.fixture
-def s3(monkeypatch):
+def s3():
     pytest.importorskip("moto")
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    opts = {"key": "testing", "secret": "testing",
-            "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
-    import boto3
-
-    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
-                 region_name="us-east-1").create_bucket(Bucket="pool")
-    yield opts
-    server.stop()
+    with loopback_s3("pool") as (opts, _):
+        yield opts
 
 
 def test_pool_and_outputs_on_s3(ray_session, pool, s3, tmp_path):

@@ -219,20 +219,8 @@ def test_ray_partition_is_sandboxed_too(world):
     assert m["count"] == 6 and json.loads(Path(marker).read_text())["count"] == 6
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    from curate.engine.ray import connect_ray
-
-    started = not ray.is_initialized()
-    connect_ray(num_cpus=2)
-    yield
-    if started:
-        ray.shutdown()
-
-
 @pytest.mark.parametrize("name", ["copy_over_file", "read_text_query", "read_parquet_outside"])
-def test_ray_run_refuses(world, name, ray_local):
+def test_ray_run_refuses(world, name, ray_session):
     path, msg = _write(world, name)
     before = _snapshot(world)
     out = world["tmp"] / "r.npy"

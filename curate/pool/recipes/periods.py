@@ -35,7 +35,7 @@ import duckdb
 import numpy as np
 from tqdm import tqdm
 
-from curate.atomic import write_json
+from curate.atomic import replace_dir, write_json
 from curate.catalog.checks import check_can_create
 from curate.catalog.connection import CatalogError, connect, default_catalog, sql_identifier
 from curate.errors import CurateError
@@ -188,6 +188,16 @@ def export_period_splits(catalog: str | os.PathLike | None, out: str | os.PathLi
     if out.exists() and not out.is_dir():
         raise PeriodError(f"{out}: exists and is not a directory")
     check_can_create(out, PeriodError, "output directory")
+    # built beside OUT and swapped in when complete: a failed run leaves an earlier export as it was
+    with replace_dir(out, _OWNED, what="curate pool export-splits", error=PeriodError) as build:
+        return _export(catalog, build, progress)
+
+
+# what export-splits writes under OUT: only these are ever replaced
+_OWNED = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/(?:train|test)\.npy|sizes\.json")
+
+
+def _export(catalog, out: Path, progress: bool) -> dict:
     con = connect(catalog, read_only=True)
     sizes: dict[str, dict[str, int]] = {}
     try:
