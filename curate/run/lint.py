@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from curate.features.registry import PRODUCERS
-from curate.run.query import FilterError, check_uid_column, open_filter, split_filter
+from curate.run.query import MISSING_VIEW_HINTS, FilterError, check_uid_column, open_filter, split_filter
 
 
 @dataclass
@@ -99,8 +99,11 @@ def _static_checks(query: str, path, con, report: LintReport) -> set[str] | None
                 report.tables.append(name)
             pending.add(name)
         elif name not in schema and name not in ctes:
-            known = ", ".join(sorted(schema)) or "none"
-            report.errors.append(f"{path}: unknown table '{name}' (the catalog has: {known})")
+            if name in MISSING_VIEW_HINTS:
+                report.errors.append(f"{path}: the catalog has no view {name}; {MISSING_VIEW_HINTS[name]}")
+            else:
+                known = ", ".join(sorted(schema)) or "none"
+                report.errors.append(f"{path}: unknown table '{name}' (the catalog has: {known})")
         elif name not in report.tables:
             report.tables.append(name)
     known_functions = {r[0].lower() for r in con.execute("SELECT DISTINCT function_name FROM duckdb_functions()").fetchall()}

@@ -319,8 +319,31 @@ def pool_changed(con, catalog=None) -> str | None:
             f"re-run `curate catalog init` over the pool")
 
 
+_TIC_ATTACH = ("add the TiC views with `curate tic attach CATALOG --tic-dir DIR` (a pool built from a "
+               "table: `curate pool timesplit CATALOG`)")
+#: views no producer builds on first use, and the command that adds each to a catalog
+MISSING_VIEW_HINTS = {
+    "timesplit": _TIC_ATTACH,
+    "tic_eval": _TIC_ATTACH,
+    "tic_yearly": "add it with `curate tic attach CATALOG --tic-dir DIR` (TiC's yearly uid files)",
+    "imagenet_classes": "add it with `curate tic attach CATALOG --tic-dir DIR`",
+    "period_split": "add it with `curate pool timesplit CATALOG --time-col COL`",
+    "download_status": "add it with `curate download-status --data-dir DIR --catalog CATALOG`",
+    "cluster_targets": "add a cluster set with `curate clusters import` or `curate clusters build`",
+    "shard_index": "index the shards with `curate shards index CATALOG`",
+    "shard_files": "index the shards with `curate shards index CATALOG`",
+}
+_MISSING_TABLE = re.compile(r"Table with name (\w+) does not exist")
+
+
 def one_line(e: Exception) -> str:
-    """A DuckDB error as one line (its first two non-empty lines): how filter errors are shown."""
+    """A DuckDB error as one line (its first two non-empty lines): how filter errors are shown.
+    A view the catalog lacks names the command that adds it (DuckDB's own message would suggest
+    ``sqlite_master``)."""
+    m = _MISSING_TABLE.search(str(e))
+    if m and m.group(1).lower() in MISSING_VIEW_HINTS:
+        name = m.group(1).lower()
+        return f"the catalog has no view {name}; {MISSING_VIEW_HINTS[name]}"
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return " ".join(lines[:2]) if lines else type(e).__name__
 
