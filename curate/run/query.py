@@ -334,6 +334,9 @@ MISSING_VIEW_HINTS = {
     "shard_files": "index the shards with `curate shards index CATALOG`",
 }
 _MISSING_TABLE = re.compile(r"Table with name (\w+) does not exist")
+#: the tables ``read_subset(...)`` calls became -> the call as the filter writes it
+SUBSET_TEXT: dict[str, str] = {}
+_SUBSET_NAME = re.compile(r"__subset_\d+")
 
 
 def one_line(e: Exception) -> str:
@@ -345,7 +348,8 @@ def one_line(e: Exception) -> str:
         name = m.group(1).lower()
         return f"the catalog has no view {name}; {MISSING_VIEW_HINTS[name]}"
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return " ".join(lines[:2]) if lines else type(e).__name__
+    text = " ".join(lines[:2]) if lines else type(e).__name__
+    return _SUBSET_NAME.sub(lambda m: SUBSET_TEXT.get(m.group(0), m.group(0)), text)
 
 
 def substitute_subsets(sql: str, con, variables: dict, registered: dict) -> str:
@@ -380,6 +384,7 @@ def substitute_subsets(sql: str, con, variables: dict, registered: dict) -> str:
                 name = f"__subset_{len(registered)}"
                 con.register(name, subset_to_arrow(arg))
                 registered[key] = name
+                SUBSET_TEXT[name] = sql[t.start:tokens[end].end]  # errors show the user's own text
             out.append(sql[pos : t.start])
             out.append(registered[key])
             pos = tokens[end].end
