@@ -204,8 +204,10 @@ def artifacts_cmd(catalog, out, monthly, seed, retrieval_fraction, datacompnet_f
 @click.option("--num-checkpoints", default=5, show_default=True)
 @click.option("--threads", type=int, default=None, help="CPU threads per trainer process (OMP_NUM_THREADS).")
 @click.option("--only", default=None, help="Run only these step names (comma-separated).")
+@click.option("--nproc", type=click.IntRange(1, 1024), default=None,
+              help="Training processes per step under torchrun (default: one per visible GPU).")
 @click.option("--quiet", "-q", is_flag=True)
-def train_cmd(plan, root, workers, precision, num_checkpoints, threads, only, quiet):
+def train_cmd(plan, root, workers, precision, num_checkpoints, threads, only, nproc, quiet):
     """Run a TiC continual plan step by step (warm starts where the plan says; done steps skipped).
 
     \b
@@ -217,7 +219,7 @@ def train_cmd(plan, root, workers, precision, num_checkpoints, threads, only, qu
 
     t0 = time.perf_counter()
     done = run_plan(plan, root=root, workers=workers, precision=precision, num_checkpoints=num_checkpoints,
-                    threads=threads, only=[s for s in (only or "").split(",") if s] or None,
+                    threads=threads, only=[s for s in (only or "").split(",") if s] or None, nproc=nproc,
                     echo=None if quiet else (lambda line: click.echo(line, err=True)),
                     say=click.echo)
     click.echo(f"{plan}: {sum(1 for d in done if d['status'] == 'trained')} steps trained, "

@@ -73,7 +73,7 @@ def step_done(spec: TrainSpec) -> bool:
 
 def run_plan(plan_path, root=None, *, workers: int = 4, precision: str | None = None,
              num_checkpoints: int = 5, threads: int | None = None, only: list[str] | None = None,
-             echo=None, say=print) -> list[dict]:
+             nproc: int | None = None, echo=None, say=print) -> list[dict]:
     """Run every step of a TiC plan (:mod:`curate.tic.plan`) in order; finished steps are skipped.
 
     A warm step (``init == "warm"``) starts from the previous step's ``epoch_latest.pt`` with
@@ -87,7 +87,7 @@ def run_plan(plan_path, root=None, *, workers: int = 4, precision: str | None = 
         if only and name not in only:
             continue
         spec = plan_step_spec(step, root, workers=workers, precision=precision, num_checkpoints=num_checkpoints,
-                              threads=threads)
+                              threads=threads, nproc=nproc)
         if step_done(spec):
             say(f"step {name}: done already ({spec.run_dir})")
             out.append({"step": name, "status": "skipped", "run_dir": str(spec.run_dir)})

@@ -419,10 +419,13 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return p if p.is_file() else None
 
 
-def write_warmstart(checkpoint: Path, dest: Path) -> Path:
+def write_warmstart(checkpoint: Path, dest: Path, distributed: bool = False) -> Path:
     """Weights only (a bare state dict) of ``checkpoint``, which open_clip loads with epoch 0.
 
     This is TiC's ``--new-run``: keep the weights, restart optimizer, schedule and epoch.
+    With ``distributed`` (several processes under torchrun) the keys carry DDP's ``module.``
+    prefix: open_clip wraps the model in DistributedDataParallel before it loads a bare
+    ``--resume`` state dict, and strips the prefix only for a non-distributed run.
     """
     import torch  # lazy: optional extra [torch]
 
@@ -436,12 +439,14 @@ def write_warmstart(checkpoint: Path, dest: Path) -> Path:
     if not isinstance(sd, dict) or not sd:
         raise TrainError(f"--resume {checkpoint}: no state_dict inside")
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    if distributed:
+        sd = {f"module.{k}": v for k, v in sd.items()}
     with atomic_path(dest) as tmp:
         torch.save(sd, tmp)
     return dest
 
 
-def resume_argument(spec: TrainSpec) -> str | None:
+def resume_argument(spec: TrainSpec, world_size: int = 1) -> str | None:
     """What to pass as ``--resume`` given the run's state on disk."""
     run_dir = spec.run_dir
     own = latest_checkpoint(run_dir)
@@ -455,7 +460,7 @@ def resume_argument(spec: TrainSpec) -> str | None:
             # open_clip refuses an existing experiment unless resuming 'latest'; the old log
             # belongs to our own interrupted attempt, keep it under another name.
             log.rename(run_dir / f"out.{int(time.time())}.log")
-        return str(write_warmstart(Path(spec.resume), run_dir / "warmstart.pt"))
+        return str(write_warmstart(Path(spec.resume), run_dir / "warmstart.pt", distributed=world_size > 1))
     if spec.resume in (None, "", "none"):
         return None
     if spec.resume != "latest" and not Path(spec.resume).is_file():
@@ -530,7 +535,7 @@ def train(spec: TrainSpec, echo=None) -> TrainResult:
     world = spec.nproc or max(1, gpus)
     Path(spec.output_dir).mkdir(parents=True, exist_ok=True)
     spec.run_dir.mkdir(parents=True, exist_ok=True)
-    resume = resume_argument(spec)
+    resume = resume_argument(spec, world)
     args = build_command(spec, sources, cfg, world, resume)
     cmd = launcher(world, gpus) + args
     env = dict(os.environ)

@@ -51,3 +51,28 @@ def test_run_plan_scratch_then_warm_start_then_skip(tmp_path):
     assert len(second["data"]) == 4
     again = run_plan(path, root=tmp_path, workers=1, num_checkpoints=1, threads=1, say=said.append)
     assert [d["status"] for d in again] == ["skipped", "skipped"]
+
+
+def test_two_step_plan_under_torchrun(tmp_path):
+    # `curate tic train PLAN --nproc 2`: the warm step loads step 2016's weights into the
+    # DDP-wrapped model on both ranks (gloo on CPU).
+    from click.testing import CliRunner
+
+    from curate.cli import main
+
+    a, b = reshard_sample_pool(tmp_path)
+    train_root = tmp_path / "tic" / "train"
+    train_root.mkdir(parents=True)
+    for year, src in ((2014, a), (2015, a), (2016, a), (2017, b)):
+        (train_root / str(year)).symlink_to(src, target_is_directory=True)
+    plan = make_plan("cumulative-all", [2016, 2017], 128, {"2014": 1000, "2015": 1000, "2016": 1000, "2017": 1000},
+                     scale="tiny")
+    path = write_plan(plan, tmp_path / "plan.json")
+    r = CliRunner().invoke(main, ["tic", "train", str(path), "--root", str(tmp_path), "--workers", "1",
+                                  "--num-checkpoints", "1", "--threads", "1", "--nproc", "2", "-q"])
+    assert r.exit_code == 0, r.output
+    runs = tmp_path / "runs" / "tic" / "cumulative-all"
+    second = read_record(runs / "2017")
+    assert second["new_run"] is True and second["world_size"] == 2
+    log = (runs / "2017" / "out.log").read_text()
+    assert "Missing key" not in log and "=> loaded checkpoint" in log and "(epoch 0)" in log

@@ -278,3 +278,25 @@ def test_launcher_commands():
     assert gpu[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=8", "-m", "--",
                        "open_clip_train.main"]
     assert launcher(2, gpus=0)[-1] == "curate.train.entry"  # CPU DDP shim, only without GPUs
+
+
+def test_tic_warm_start_under_torchrun_two_processes(tmp_path):
+    # TiC's --new-run with several processes: open_clip wraps the model in DDP before loading a
+    # bare --resume state dict, so the warm-start file needs DDP's `module.` keys (issue 18:
+    # 'Missing key(s) "module.positional_embedding"' on every rank).
+    import torch
+
+    first, second = reshard_sample_pool(tmp_path)
+    out = tmp_path / "runs"
+    base = train(TrainSpec(scale="tiny", data=str(first), output_dir=out, exp_name="step0", workers=1,
+                           train_num_samples=256, threads=1))
+    warm = train(TrainSpec(scale="tiny", data=str(second), output_dir=out, exp_name="step1", workers=1, nproc=2,
+                           train_num_samples=256, threads=1, new_run=True, resume=str(base.checkpoint)))
+    log = (out / "step1" / "out.log").read_text()
+    assert "Missing key" not in log and "world_size: 2" in (out / "step1" / "params.txt").read_text()
+    assert warm.checkpoint.is_file()
+    ws = torch.load(out / "step1" / "warmstart.pt", map_location="cpu", weights_only=True)
+    src = torch.load(base.checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    src = {k[len("module."):] if k.startswith("module.") else k: v for k, v in src.items()}
+    assert set(ws) == {f"module.{k}" for k in src}  # the DDP keys open_clip loads under torchrun
+    assert all(torch.equal(ws[f"module.{k}"], v) for k, v in src.items())  # step 0's weights, unchanged
