@@ -11,6 +11,7 @@ own ``--targets``).
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -168,12 +169,15 @@ def convert_cmd(catalog, key):
 @click.option("--vector", type=_file, help="Query vector as a .npy file (d floats).")
 @click.option("--key", default="l14_img", show_default=True)
 @click.option("-k", "k", type=int, default=10, show_default=True, help="Number of neighbours.")
-def neighbors_cmd(catalog, uid, vector, key, k):
+@click.option("--format", "fmt", type=click.Choice(["tsv", "csv", "json"]), default="tsv", show_default=True,
+              help="tsv/csv: a header line (score, uid, file, row), then one line per neighbour; json: a list.")
+def neighbors_cmd(catalog, uid, vector, key, k, fmt):
     """Nearest pool samples by inner product to a uid's embedding or a vector.
 
     \b
     Example:
       curate embeddings neighbors pool.duckdb --uid 0a1b...ff -k 5
+      curate embeddings neighbors pool.duckdb --uid 0a1b...ff --format json
     """
     t0 = time.perf_counter()
     vec = None
@@ -183,8 +187,14 @@ def neighbors_cmd(catalog, uid, vector, key, k):
         except (OSError, ValueError) as e:
             raise CurateError(f"{vector}: not a readable .npy vector ({e})") from None
     hits = nearest(catalog, key, vector=vec, uid=uid, k=k)
-    for h in hits:
-        click.echo(f"{h.score:.6f}\t{h.uid}\t{h.file}\t{h.row}")
+    if fmt == "json":
+        click.echo(json.dumps([{"score": float(h.score), "uid": h.uid, "file": h.file, "row": int(h.row)}
+                               for h in hits], indent=1))
+    else:
+        sep = "\t" if fmt == "tsv" else ","
+        click.echo(sep.join(("score", "uid", "file", "row")))
+        for h in hits:
+            click.echo(sep.join((f"{h.score:.6f}", h.uid, h.file, str(h.row))))
     click.echo(f"{len(hits)} neighbours in {time.perf_counter() - t0:.2f}s", err=True)
 
 

@@ -97,8 +97,14 @@ def test_cli_import_features_list_and_neighbors(cat, tmp_path):
     r = run(main, ["embeddings", "convert", str(cat), "--key", "l14_img"])
     assert r.exit_code == 0 and "8 rows x 768 in 2 files (2 converted now)" in r.output
     r = run(main, ["embeddings", "neighbors", str(cat), "--uid", uid_of(0), "-k", "2"])
-    assert r.exit_code == 0 and r.output.splitlines()[:2] == [
-        f"1.000000\t{uid_of(0)}\t0000\t0", f"1.000000\t{uid_of(4)}\t0001\t0"]
+    assert r.exit_code == 0 and r.output.splitlines()[:3] == [
+        "score\tuid\tfile\trow", f"1.000000\t{uid_of(0)}\t0000\t0", f"1.000000\t{uid_of(4)}\t0001\t0"]
+    r = run(main, ["embeddings", "neighbors", str(cat), "--uid", uid_of(0), "-k", "2", "--format", "csv"])
+    assert r.exit_code == 0 and r.output.splitlines()[:2] == ["score,uid,file,row", f"1.000000,{uid_of(0)},0000,0"]
+    r = run(main, ["embeddings", "neighbors", str(cat), "--uid", uid_of(0), "-k", "2", "--format", "json"])
+    import json
+    assert r.exit_code == 0 and json.loads(r.output.split("\n2 neighbours")[0])[:2] == [
+        {"score": 1.0, "uid": uid_of(0), "file": "0000", "row": 0}, {"score": 1.0, "uid": uid_of(4), "file": "0001", "row": 0}]
     r = run(main, ["clusters", "import", str(cat), "--name", "two", "--centroids", str(tmp_path / "c.pt")])
     assert r.exit_code == 1 and "error: cluster set 'two' already exists" in r.output
     np.save(tmp_path / "bad.npy", np.ones((3, 512), np.float32))
