@@ -119,7 +119,9 @@ def test_blank_template_is_averaged_in_and_classifier_is_cached(run_dir, colour_
     assert line["metrics"]["acc1"] == pytest.approx(expected_acc1)
     assert line["metrics"]["acc5"] is None  # 3 classes
     assert line["precision"] == "fp32" and line["device"] == "cpu"  # DataComp's amp is CUDA-only
-    assert line["seconds"] > 0 and line["images_per_second"] == pytest.approx(6 / line["seconds"], rel=0.01)
+    # images/s is 6 over the task's whole time; `seconds` is that time rounded to 1 ms
+    secs, ips = line["seconds"], line["images_per_second"]
+    assert secs > 0 and 6 / (secs + 0.0005) <= ips <= 6 / max(secs - 0.0005, 1e-9)
     built = calls["n"]
     assert built == 3  # one text batch per class
     cached = list((out / "classifiers").glob("*.npy"))
