@@ -173,7 +173,8 @@ def test_hostile_pickles_fail_fast_in_one_line(case, tmp_path):
     assert "\n" not in msg and msg.startswith(f"{p}: ")
     assert re.search(message, msg), msg
     assert len(msg) < 400
-    assert elapsed < 1.0, f"{case} took {elapsed:.2f}s"
+    # no speed test: unbounded, these run for hours; 30 s only tells "fails fast" from "hangs"
+    assert elapsed < 30.0, f"{case} took {elapsed:.2f}s"
 
 
 def test_bomb_is_tiny():
@@ -219,6 +220,6 @@ def test_callers_fail_fast_on_bombs(tmp_path, loader, case):
     t0 = time.perf_counter()
     with pytest.raises(CurateError) as e:
         loader(p)
-    assert time.perf_counter() - t0 < 1.0
+    assert time.perf_counter() - t0 < 30.0  # a hang, not a speed test (see above)
     msg = str(e.value)
     assert "\n" not in msg and str(p) in msg
