@@ -97,10 +97,19 @@ class OutputError(CurateError):
     """An output that cannot be written where it was asked for."""
 
 
-def _why_not_writable(dest: Path, e: OSError) -> str:
-    for p in reversed([dest.parent, *dest.parent.parents]):
+def file_in_the_way(path: Path) -> Path | None:
+    """The existing non-directory among ``path`` and its ancestors, which stops a directory from
+    being created there (at most one can exist: nothing exists below a file); None if none."""
+    for p in [Path(path), *Path(path).parents]:
         if p.exists() and not p.is_dir():
-            return f"{p} is a file, not a directory"
+            return p
+    return None
+
+
+def _why_not_writable(dest: Path, e: OSError) -> str:
+    blocker = file_in_the_way(dest.parent)
+    if blocker is not None:
+        return f"{blocker} is a file, not a directory"
     if dest.is_dir():
         return "it is a directory"
     if isinstance(e, PermissionError):

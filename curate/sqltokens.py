@@ -140,3 +140,15 @@ def call_arguments(tokens: list[Token], i: int) -> tuple[int, list[int]] | None:
 
 
 __all__ = ["Token", "tokenize", "call_arguments"]
+
+
+def sql_literal(value) -> str:
+    """Quote a string as a SQL literal. Used only for file paths in SQL text (view DDL,
+    ``read_parquet(...)``), which DuckDB cannot bind as parameters; every value from the
+    command line is bound instead."""
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def sql_list(values) -> str:
+    """A SQL list literal of quoted strings: ``['a', 'b']``."""
+    return "[" + ", ".join(sql_literal(v) for v in values) + "]"

@@ -25,15 +25,13 @@ from typing import Sequence
 import duckdb
 import numpy as np
 
+from curate.atomic import file_in_the_way
 from curate.errors import CurateError
+from curate.sqltokens import sql_list, sql_literal
 from curate.subset import read_array_header
 
 #: what a pool uid is: 32 hex digits (``is_uid`` in ``sql/catalog/10_macros.sql``)
 UID_REGEX = "[0-9a-fA-F]{32}"
-
-
-def _quote(value: str) -> str:
-    return "'" + str(value).replace("'", "''") + "'"
 
 
 def _scan_connection() -> duckdb.DuckDBPyConnection:
@@ -49,7 +47,7 @@ def check_uids(paths: Sequence[Path], error: type[Exception] = CurateError) -> N
         for path in paths:
             try:
                 bad = con.execute(
-                    f"SELECT file_row_number, uid FROM read_parquet({_quote(str(path))}, file_row_number = true) "
+                    f"SELECT file_row_number, uid FROM read_parquet({sql_literal(str(path))}, file_row_number = true) "
                     f"WHERE uid IS NULL OR NOT regexp_full_match(uid, '{UID_REGEX}') "
                     "ORDER BY file_row_number LIMIT 1").fetchone()
             except duckdb.Error as e:
@@ -69,7 +67,7 @@ def check_duplicate_uids(paths: Sequence[Path], error: type[Exception] = CurateE
     spilled to disk by DuckDB when it does not fit in memory."""
     if not paths:
         return
-    files = "[" + ", ".join(_quote(str(p)) for p in paths) + "]"
+    files = sql_list(paths)
     con = _scan_connection()
     try:
         try:
@@ -86,7 +84,7 @@ def check_duplicate_uids(paths: Sequence[Path], error: type[Exception] = CurateE
             raise error(f"{a} and {b}: both hold uid {uid} (the same sample twice doubles it in every "
                         f"subset; pass {option} to accept)")
         rows = [r for (r,) in con.execute(
-            f"SELECT file_row_number FROM read_parquet({_quote(a)}, file_row_number = true) "
+            f"SELECT file_row_number FROM read_parquet({sql_literal(a)}, file_row_number = true) "
             "WHERE lower(uid) = ? ORDER BY file_row_number LIMIT 2", [uid]).fetchall()]
         raise error(f"{a}: rows {rows[0]} and {rows[1]} both hold uid {uid} (the same sample twice doubles "
                     f"it in every subset; pass {option} to accept)")
@@ -153,9 +151,9 @@ def check_npz(files: Sequence[tuple[Path, int]], error: type[Exception] = Curate
 
 def _why_not(path: Path, e: OSError) -> str:
     """Why ``path`` cannot be a directory we write in, in a few words."""
-    for parent in [path, *path.parents]:
-        if parent.exists() and not parent.is_dir():
-            return f"{parent} is a file, not a directory"
+    blocker = file_in_the_way(path)
+    if blocker is not None:
+        return f"{blocker} is a file, not a directory"
     if isinstance(e, PermissionError):
         return "permission denied"
     return e.strerror or str(e)
@@ -193,16 +191,9 @@ def check_can_create(path: str | os.PathLike, error: type[Exception] = CurateErr
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
-                raise error(f"{path}: cannot create the {what} ({_first_file(parent)} is a file, not a directory)")
+                raise error(f"{path}: cannot create the {what} ({file_in_the_way(parent) or parent} is a file, not a directory)")
             if not os.access(parent, os.W_OK | os.X_OK):
                 raise error(f"{path}: cannot create the {what} ({parent} is not writable: permission denied)")
             break
     return path
 
-
-def _first_file(path: Path) -> Path:
-    """The first ancestor of ``path`` (or itself) that exists and is not a directory."""
-    for p in reversed([path, *path.parents]):
-        if p.exists() and not p.is_dir():
-            return p
-    return path

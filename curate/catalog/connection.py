@@ -29,6 +29,7 @@ from curate import __version__, resources
 from curate.catalog.checks import check_duplicate_uids, check_can_create, check_npz, check_output_file, check_uids
 from curate.catalog.schema import IGNORED_FILES, POOL_COLUMNS, check_columns, extra_columns, read_footer
 from curate.errors import CurateError
+from curate.sqltokens import sql_list, sql_literal
 
 SQL_DIR = resources.sql_dir()
 EXAMPLE_CATALOG = resources.example_catalog()
@@ -42,12 +43,6 @@ LOCK_WAIT_S = 60.0
 
 class CatalogError(CurateError):
     """A pool or catalog that cannot be used as it is."""
-
-
-def sql_literal(value: str) -> str:
-    """Quote a string as a SQL literal. Used only for file paths in view DDL, which DuckDB
-    cannot bind as parameters; every value from the command line is bound instead."""
-    return "'" + str(value).replace("'", "''") + "'"
 
 
 def sql_identifier(name: str) -> str:
@@ -426,10 +421,6 @@ def catalog_summary(catalog: str | os.PathLike | None = None) -> dict:
 
 # -- the filter sandbox -------------------------------------------------------------------------
 
-def _list_literal(values) -> str:
-    return "[" + ", ".join(sql_literal(v) for v in values) + "]"
-
-
 def sandbox(con, allowed_paths=(), allowed_directories=()) -> None:
     """Lock ``con`` down for running a filter someone else wrote: it may read only
     ``allowed_paths`` (files) and what lies under ``allowed_directories`` (local directories or
@@ -441,8 +432,8 @@ def sandbox(con, allowed_paths=(), allowed_directories=()) -> None:
     for d in allowed_directories:
         d = str(d)
         dirs.append(d if d.endswith("/") else d + "/")
-    con.execute(f"SET allowed_directories = {_list_literal(dirs)}")
-    con.execute(f"SET allowed_paths = {_list_literal(str(p) for p in allowed_paths)}")
+    con.execute(f"SET allowed_directories = {sql_list(dirs)}")
+    con.execute(f"SET allowed_paths = {sql_list(str(p) for p in allowed_paths)}")
     con.execute("SET enable_external_access = false")
     con.execute("SET autoinstall_known_extensions = false")
     con.execute("SET autoload_known_extensions = false")

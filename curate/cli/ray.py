@@ -15,7 +15,8 @@ import click
 
 from curate.catalog.connection import connect
 from curate.catalog.remote import init_remote_catalog
-from curate.cli.options import catalog_option, catalog_used, progress, storage_option
+from curate.cli.options import catalog_option, progress, storage_option
+from curate.cli.run import echo_run_summary
 from curate.engine import Engine
 from curate.features.text import build_text_features
 from curate.run import run_filter
@@ -62,15 +63,7 @@ def ray_run(filter_file, catalog, out, sets, ray_address, num_cpus, max_in_fligh
     res = run_filter(filter_file, catalog=catalog, out=out, sets=parse_sets(sets), progress=progress(),
                      engine=engine, work_dir=work_dir, keep_work=keep_work, bucket_records=bucket_records,
                      layout=layout, storage_options=storage_options)
-    pct = 100.0 * res.count / res.pool_rows if res.pool_rows else 0.0
-    params = ", ".join(f"{k}={v}" for k, v in res.params.items())
-    click.echo(f"{filter_file}: kept {res.count:,} of {res.pool_rows:,} samples ({pct:.2f}%), "
-               f"{res.distinct:,} distinct uids" + (f" [{params}]" if params else ""))
-    click.echo(f"on catalog {catalog_used(catalog)}")
-    click.echo(f"wrote {res.out} and {res.manifest} in {res.elapsed:.2f}s (ray engine)")
-    if res.count == 0:
-        click.echo(f"warning: {filter_file}: the filter kept no samples of {res.pool_rows:,}; "
-                   f"the subset {res.out} is empty", err=True)
+    echo_run_summary(filter_file, res, catalog, thresholds=False, note=" (ray engine)")
 
 
 @ray_group.command("catalog-init")

@@ -33,14 +33,21 @@ def run_cmd(filter_file, catalog, out, sets, engine):
     """
     res = run_filter(filter_file, catalog=catalog, out=out, sets=parse_sets(sets), progress=progress(),
                      engine=engine)
+    echo_run_summary(filter_file, res, catalog)
+
+
+def echo_run_summary(filter_file, res, catalog, thresholds: bool = True, note: str = "") -> None:
+    """What a filter run kept, on which catalog, where it wrote (`curate run`, `curate ray run`);
+    a warning on standard error when it kept nothing."""
     pct = 100.0 * res.count / res.pool_rows if res.pool_rows else 0.0
-    params = ", ".join([f"{k}={v}" for k, v in res.params.items()]
-                       + [f"threshold={'NaN' if t['threshold'] is None else format(t['threshold'], '.9g')}"
-                          for t in res.thresholds])
+    params = [f"{k}={v}" for k, v in res.params.items()]
+    if thresholds:
+        params += [f"threshold={'NaN' if t['threshold'] is None else format(t['threshold'], '.9g')}"
+                   for t in res.thresholds]
     click.echo(f"{filter_file}: kept {res.count:,} of {res.pool_rows:,} samples ({pct:.2f}%), "
-               f"{res.distinct:,} distinct uids" + (f" [{params}]" if params else ""))
+               f"{res.distinct:,} distinct uids" + (f" [{', '.join(params)}]" if params else ""))
     click.echo(f"on catalog {catalog_used(catalog)}")
-    click.echo(f"wrote {res.out} and {res.manifest} in {res.elapsed:.2f}s")
+    click.echo(f"wrote {res.out} and {res.manifest} in {res.elapsed:.2f}s{note}")
     if res.count == 0:
         click.echo(f"warning: {filter_file}: the filter kept no samples of {res.pool_rows:,}; "
                    f"the subset {res.out} is empty", err=True)

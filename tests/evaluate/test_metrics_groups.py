@@ -19,6 +19,7 @@ from curate.evaluate.run import aggregate, evaluate_run
 from curate.evaluate.tasks import load_tasklist
 from curate.evaluate.winogavil import export_winogavil, winogavil_prompt
 from tests.conftest import open_clip_from_run
+from tests.evaluate.test_run import _tar
 
 
 def onehot(pred, n):
@@ -160,16 +161,6 @@ def _npy(v) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.asarray(v, dtype=np.int64))
     return buf.getvalue()
-
-
-def _tar(path: Path, samples):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as tf:
-        for key, members in samples:
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
 
 
 def _task(root: Path, classes, samples, nshards_txt=True):

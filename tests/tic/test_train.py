@@ -29,7 +29,8 @@ def test_plan_step_paths_resolve_against_root(tmp_path):
         plan_step_spec({"name": "x", "train": {"scale": "tiny", "data": "a", "output_dir": "o", "bogus": 1}}, tmp_path)
 
 
-def test_run_plan_scratch_then_warm_start_then_skip(tmp_path):
+def two_step_plan(tmp_path):
+    """A cumulative-all plan (steps 2016, 2017) over yearly dirs made from the bundled pool."""
     a, b = reshard_sample_pool(tmp_path)
     train_root = tmp_path / "tic" / "train"
     train_root.mkdir(parents=True)
@@ -38,6 +39,11 @@ def test_run_plan_scratch_then_warm_start_then_skip(tmp_path):
     plan = make_plan("cumulative-all", [2016, 2017], 128, {"2014": 1000, "2015": 1000, "2016": 1000, "2017": 1000},
                      scale="tiny")
     path = write_plan(plan, tmp_path / "plan.json")
+    return path
+
+
+def test_run_plan_scratch_then_warm_start_then_skip(tmp_path):
+    path = two_step_plan(tmp_path)
     said = []
     done = run_plan(path, root=tmp_path, workers=1, num_checkpoints=1, threads=1, say=said.append)
     assert [d["status"] for d in done] == ["trained", "trained"]
@@ -60,14 +66,7 @@ def test_two_step_plan_under_torchrun(tmp_path):
 
     from curate.cli import main
 
-    a, b = reshard_sample_pool(tmp_path)
-    train_root = tmp_path / "tic" / "train"
-    train_root.mkdir(parents=True)
-    for year, src in ((2014, a), (2015, a), (2016, a), (2017, b)):
-        (train_root / str(year)).symlink_to(src, target_is_directory=True)
-    plan = make_plan("cumulative-all", [2016, 2017], 128, {"2014": 1000, "2015": 1000, "2016": 1000, "2017": 1000},
-                     scale="tiny")
-    path = write_plan(plan, tmp_path / "plan.json")
+    path = two_step_plan(tmp_path)
     r = CliRunner().invoke(main, ["tic", "train", str(path), "--root", str(tmp_path), "--workers", "1",
                                   "--num-checkpoints", "1", "--threads", "1", "--nproc", "2", "-q"])
     assert r.exit_code == 0, r.output
