@@ -53,6 +53,23 @@ def filesystem(url: str, storage_options: dict | None = None):
     return fs, path
 
 
+#: what botocore raises when no credentials were found (not imported: botocore is optional)
+_NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError")
+
+
+@contextlib.contextmanager
+def _credentials(url):
+    """One ``error: URL: no credentials ...`` line instead of botocore's traceback."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - matched by name below, everything else re-raised
+        if type(e).__name__ not in _NO_CREDENTIALS:
+            raise
+        raise StorageError(f"{url}: no credentials to read it ({e}); pass --storage-options JSON "
+                           f"(e.g. '{{\"key\": ..., \"secret\": ...}}'), set $CURATE_STORAGE_OPTIONS or the AWS "
+                           f"environment variables") from None
+
+
 def join(base, *parts: str) -> str:
     """Join path parts onto a local path or a URL."""
     if is_url(base):
@@ -64,7 +81,8 @@ def exists(path, storage_options: dict | None = None) -> bool:
     if not is_url(path):
         return local_path(path).exists()
     fs, p = filesystem(path, storage_options)
-    return fs.exists(p)
+    with _credentials(path):
+        return fs.exists(p)
 
 
 @contextlib.contextmanager
@@ -95,7 +113,8 @@ def open_input(path, storage_options: dict | None = None):
     if not is_url(path):
         return open(local_path(path), "rb")
     fs, p = filesystem(path, storage_options)
-    return fs.open(p, "rb")
+    with _credentials(path):
+        return fs.open(p, "rb")
 
 
 def read_range(path, start: int, stop: int, storage_options: dict | None = None) -> bytes:
@@ -107,7 +126,8 @@ def read_range(path, start: int, stop: int, storage_options: dict | None = None)
             f.seek(start)
             return f.read(stop - start)
     fs, p = filesystem(path, storage_options)
-    return fs.cat_file(p, start=start, end=stop)
+    with _credentials(path):
+        return fs.cat_file(p, start=start, end=stop)
 
 
 def write_json(path, obj, storage_options: dict | None = None) -> None:
@@ -204,7 +224,8 @@ def url_size(path, storage_options: dict | None = None) -> int:
     if not is_url(path):
         return local_path(path).stat().st_size
     fs, p = filesystem(path, storage_options)
-    return int(fs.size(p))
+    with _credentials(path):
+        return int(fs.size(p))
 
 
 def parse_storage_options(raw: str | None, source: str) -> dict | None:
@@ -220,6 +241,30 @@ def parse_storage_options(raw: str | None, source: str) -> dict | None:
     return opts
 
 
+#: the ``--storage-options`` of the command running now (innermost last; see :func:`options_given`)
+_GIVEN: list[dict] = []
+
+
 def storage_options_from_env() -> dict | None:
-    """``$CURATE_STORAGE_OPTIONS`` (a JSON object of fsspec options), if set."""
+    """The default fsspec options of every reader not handed its own: the command line's
+    ``--storage-options`` while a command runs with them (:func:`options_given`), else
+    ``$CURATE_STORAGE_OPTIONS`` (a JSON object of fsspec options), if set."""
+    if _GIVEN:
+        return _GIVEN[-1]
     return parse_storage_options(os.environ.get("CURATE_STORAGE_OPTIONS"), "$CURATE_STORAGE_OPTIONS")
+
+
+@contextlib.contextmanager
+def options_given(storage_options: dict | None):
+    """While the block runs, :func:`storage_options_from_env` returns ``storage_options`` (a
+    command's ``--storage-options``) instead of reading the environment, so the steps that take
+    their options from there (feature builds for a pool in object storage, the catalog's
+    filesystems) use what the command line gave. ``None``: no change."""
+    if storage_options is None:
+        yield
+        return
+    _GIVEN.append(storage_options)
+    try:
+        yield
+    finally:
+        _GIVEN.pop()

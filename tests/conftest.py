@@ -140,6 +140,9 @@ def loopback_s3(*buckets: str):
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
+    # moto keeps its buckets in process-wide state: start each server empty
+    import urllib.request
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=30).close()
     opts = {"key": "testing", "secret": "testing",
             "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
     client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing",
@@ -150,3 +153,30 @@ def loopback_s3(*buckets: str):
         yield opts, endpoint
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def clip_benchmark_python(tmp_path_factory) -> Path:
+    """A Python with the real clip_benchmark 1.6.2 (the reference implementation) importable.
+
+    A venv layered on this one's site-packages (a ``.pth`` file) so torch/open_clip are shared,
+    with what clip_benchmark needs that ``.[all]`` lacks: ``numpy<2.4`` (its ``accuracy()``
+    raises ``TypeError`` on numpy 2.4), pycocoevalcap/pycocotools (imported by its CLI) and
+    requests. Installed from the machine's package index, never at curate's run time.
+    """
+    import site
+    import subprocess
+    import sys
+    import venv
+
+    root = tmp_path_factory.mktemp("clip-benchmark-venv")
+    venv.EnvBuilder(with_pip=True).create(root)
+    py = root / "bin" / "python"
+    child_site = subprocess.run([py, "-c", "import site; print(site.getsitepackages()[0])"],
+                                check=True, capture_output=True, text=True).stdout.strip()
+    Path(child_site, "zz_parent.pth").write_text(site.getsitepackages()[0] + "\n")
+    r = subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", "numpy<2.4", "clip_benchmark==1.6.2",
+                        "pycocoevalcap", "pycocotools", "requests"], capture_output=True, text=True)
+    assert r.returncode == 0, f"installing clip_benchmark failed: {r.stderr[-2000:]}"
+    assert sys.executable != str(py)
+    return py

@@ -19,7 +19,7 @@ PKG = Path(__file__).resolve().parents[1] / "curate"
 
 #: package -> layer; the core modules directly under curate/ are one package, "core"
 LAYERS = {name: i for i, name in enumerate(
-    ["core", "catalog", "engine", "shards", "pool", "features", "run", "train", "evaluate", "tic", "demo", "cli"])}
+    ["core", "catalog", "engine", "shards", "pool", "features", "run", "train", "evaluate", "tic", "demo", "explore", "cli"])}
 
 
 def module_name(path: Path) -> str:
@@ -166,8 +166,8 @@ def test_imports_inside_functions_say_why():
 
 
 @pytest.mark.parametrize("case", [
-    ("curate.run.runner", "run", 6), ("curate.cli.main", "cli", 11), ("curate.subset", "core", 0),
-    ("curate", "core", 0), ("curate.pool.recipes.periods", "pool", 4),
+    ("curate.run.runner", "run", 6), ("curate.cli.main", "cli", 12), ("curate.subset", "core", 0),
+    ("curate", "core", 0), ("curate.pool.recipes.periods", "pool", 4), ("curate.explore.app", "explore", 11),
 ])
 def test_layers_of_known_modules(case):
     module, package, layer = case

@@ -9,8 +9,8 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from curate.catalog.connection import catalog_summary, default_catalog, init_catalog
-from curate.cli.options import catalog_option
+from curate.catalog.connection import catalog_summary, init_catalog
+from curate.cli.options import catalog_option, catalog_used
 from curate.demo.example import build_example
 from curate.errors import CurateError
 from curate.pool.sample import generate_pool
@@ -56,7 +56,7 @@ def catalog_info_cmd(catalog):
       curate catalog info small.duckdb
     """
     d = catalog_summary(catalog)
-    click.echo(f"catalog: {catalog or default_catalog()}")
+    click.echo(f"catalog: {catalog_used(catalog)}")
     click.echo(f"pool:    {d['rows']:,} samples in {d['files']} files")
     for k, v in sorted(d["meta"].items()):
         click.echo(f"  {k}: {v}")
@@ -75,7 +75,7 @@ def catalog_example_cmd():
       curate catalog example && git status data/ catalog.duckdb.example
     """
     path = build_example()
-    click.echo(f"wrote {path}")
+    click.echo(f"wrote catalog {path} (the bundled example)")
 
 
 @click.group("subset")

@@ -18,8 +18,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from curate.catalog.connection import default_catalog
-from curate.cli.options import catalog_option
+from curate.cli.options import catalog_option, catalog_used
 from curate.errors import CurateError
 from curate.features.clusters import build_cluster_set, import_cluster_set, list_cluster_sets, set_targets
 from curate.features.embeddings import convert_embeddings
@@ -69,7 +68,7 @@ def build_cmd(catalog, more_targets, name, key, k, sample_ratio, seed, niter, ca
     km = cs.meta["source"]["kmeans"]
     click.echo(f"cluster set {name}: k-means of {km['points']:,} {key} embeddings into {cs.meta['k']:,} "
                f"clusters ({niter} iterations) in {km['seconds']}s")
-    _echo_set(cs, t0)
+    _echo_set(cs, t0, catalog)
 
 
 @clusters_group.command("import")
@@ -94,7 +93,7 @@ def import_cmd(catalog, more_targets, name, centroids, targets, key, overwrite):
     t0 = time.perf_counter()
     cs = import_cluster_set(catalog, name, centroids, _targets(targets, more_targets), key=key, overwrite=overwrite)
     click.echo(f"cluster set {name}: imported {cs.meta['k']:,} x {cs.meta['dim']} centroids from {centroids}")
-    _echo_set(cs, t0)
+    _echo_set(cs, t0, catalog)
 
 
 @clusters_group.command("targets")
@@ -110,7 +109,7 @@ def targets_cmd(catalog, more_targets, name, targets):
       curate clusters targets pool.duckdb --name small --targets in1k_0.pt in1k_1.pt
     """
     t0 = time.perf_counter()
-    _echo_set(set_targets(catalog, name, _targets(targets, more_targets)), t0)
+    _echo_set(set_targets(catalog, name, _targets(targets, more_targets)), t0, catalog)
 
 
 @clusters_group.command("list")
@@ -127,18 +126,17 @@ def list_cmd(catalog):
         t = cs.meta.get("targets")
         click.echo(f"{cs.name}: key {cs.key}, {cs.meta['k']:,} x {cs.meta['dim']} centroids, "
                    + (f"{t['clusters']:,} target clusters from {t['rows']:,} target rows" if t else "no targets"))
-    if not sets:
-        click.echo(f"{catalog if catalog is not None else default_catalog()}: no cluster sets")
+    click.echo(f"{len(sets)} cluster set(s) in catalog {catalog_used(catalog)}")
 
 
-def _echo_set(cs, t0) -> None:
+def _echo_set(cs, t0, catalog) -> None:
     t = cs.meta.get("targets")
     if t:
         click.echo(f"target clusters: {t['clusters']:,} distinct of {cs.meta['k']:,} "
                    f"(from {t['rows']:,} target embeddings in {len(t['files'])} files)")
     else:
         click.echo("no target embeddings given: add them with `curate clusters targets`")
-    click.echo(f"wrote {cs.dir} in {time.perf_counter() - t0:.2f}s")
+    click.echo(f"wrote {cs.dir} in {time.perf_counter() - t0:.2f}s on catalog {catalog_used(catalog)}")
 
 
 @click.group("embeddings")
@@ -160,7 +158,7 @@ def convert_cmd(catalog, key):
     r = convert_embeddings(catalog, key, progress=True)
     click.echo(f"embeddings {key}: {r['rows']:,} rows x {r['dim']} in {r['files']} files "
                f"({r['converted']} converted now) in {time.perf_counter() - t0:.2f}s")
-    click.echo(f"wrote {r['dir']}")
+    click.echo(f"wrote {r['dir']} on catalog {catalog_used(catalog)}")
 
 
 @embeddings_group.command("neighbors")
@@ -195,7 +193,8 @@ def neighbors_cmd(catalog, uid, vector, key, k, fmt):
         click.echo(sep.join(("score", "uid", "file", "row")))
         for h in hits:
             click.echo(sep.join((f"{h.score:.6f}", h.uid, h.file, str(h.row))))
-    click.echo(f"{len(hits)} neighbours in {time.perf_counter() - t0:.2f}s", err=True)
+    click.echo(f"{len(hits)} neighbours in {time.perf_counter() - t0:.2f}s on catalog {catalog_used(catalog)}",
+               err=True)
 
 
 @embeddings_group.command("dedup")
@@ -214,4 +213,4 @@ def dedup_cmd(catalog, cluster_set, threshold, key, name):
     r = near_duplicates(catalog, cluster_set, threshold, key=key, name=name, progress=True)
     click.echo(f"near_duplicates[{r['dedup_set']}]: {r['in_groups']:,} samples in duplicate groups, "
                f"{r['drop']:,} to drop (keep = first in pool order) in {r['seconds']}s")
-    click.echo(f"wrote {r['dir']}")
+    click.echo(f"wrote {r['dir']} on catalog {catalog_used(catalog)}")

@@ -13,8 +13,10 @@ from curate.demo.pipeline import DemoConfig, run_demo
 @click.command("demo")
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo_run"))
 @click.option("--seeds", default="0,1,2", show_default=True, help="Training seeds per filter (comma-separated).")
-@click.option("--samples-seen", default=25_600, show_default=True, help="Samples seen per training run (fixed).")
-@click.option("--scorer-samples-seen", default=25_600, show_default=True, help="Samples seen by the BYOD scorer.")
+@click.option("--samples-seen", default=DemoConfig.samples_seen, show_default=True,
+              help="Samples seen per training run (fixed).")
+@click.option("--scorer-samples-seen", default=DemoConfig.scorer_samples_seen, show_default=True,
+              help="Samples seen by the BYOD scorer.")
 @click.option("--renders-per-emoji", type=int, default=None,
               help="Pool pairs per emoji (default: samples seen / emoji, i.e. one epoch without a filter, as DataComp sets samples seen = pool size).")
 @click.option("--max-emoji", type=int, default=None, help="Use only this many emoji (smoke runs).")

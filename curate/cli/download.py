@@ -8,17 +8,29 @@ from pathlib import Path
 
 import click
 
-from curate.cli.options import catalog_option, progress
+from curate.cli.options import catalog_option, catalog_used, progress
 from curate.pool.byod import init_scored_catalog, score_data_dir
 from curate.pool.download import (ENCODE_FORMATS, HUB_REPOS, RESIZE_MODES, DownloadSettings, download,
-                                  no_success_error, status_report)
+                                  download_catalog, made_by_download, no_success_error, status_report)
 
 
 def _print_report(report, data_dir: Path, catalog) -> None:
+    """The status table, then (``--catalog``) the catalog over the download: built after the
+    table is printed, so a catalog that cannot be made never hides what was downloaded."""
     for line in report.table():
         click.echo(line)
     click.echo(f"wrote {data_dir / 'download_report.json'} and {len(report.status_files)} status files "
-               f"in {data_dir / 'download_status'}" + (f"; view download_status in {catalog}" if catalog else ""))
+               f"in {data_dir / 'download_status'}")
+    if catalog is None:
+        return
+    made = download_catalog(catalog, data_dir, report.metadata, report.status_files, progress=progress())
+    if made.pool_metadata is not None:
+        scores = [c for c in made.missing if c.startswith("clip_")]
+        click.echo(f"wrote {made.pool_metadata}: your metadata in the pool's format ({report.expected:,} rows, "
+                   f"sizes of the downloaded images"
+                   + (f"; {' and '.join(scores)} NULL until `curate byod score --catalog {catalog}`)" if scores else ")"))
+    click.echo(("wrote" if made.created else "updated") + f" catalog {catalog_used(catalog)}: view download_status"
+               + ("" if made.created else " (replaced)"))
 
 
 @click.command("download")
@@ -41,7 +53,9 @@ def _print_report(report, data_dir: Path, catalog) -> None:
               help="Keep images whose bytes differ from the metadata's sha256 (they are still reported).")
 @click.option("--retries", default=2, show_default=True, help="Download retries per URL.")
 @click.option("--timeout", default=10, show_default=True, help="Seconds per URL.")
-@catalog_option(help="Register the download_status view in this catalog (created over DATA_DIR if absent).")
+@catalog_option(help="Then create this catalog over the download (your own metadata lacking pool columns: over "
+                     "DATA_DIR/pool_metadata, see docs/download.md) with the download_status view; an existing "
+                     "catalog gets the view only.")
 def download_cmd(data_dir, scale, metadata_dir, skip_shards, download_npz, processes, threads, image_size,
                  resize_mode, no_resize_only_if_bigger, encode_format, skip_bbox_blurring, no_verify_hash,
                  retries, timeout, catalog):
@@ -61,7 +75,7 @@ def download_cmd(data_dir, scale, metadata_dir, skip_shards, download_npz, proce
                          blur=not skip_bbox_blurring, verify_hash=not no_verify_hash, retries=retries,
                          timeout=timeout)
     report = download(data_dir, scale=scale, metadata_dir=metadata_dir, settings=s, skip_shards=skip_shards,
-                      download_npz=download_npz, catalog=catalog, progress=progress())
+                      download_npz=download_npz, progress=progress())
     if report is None:
         click.echo(f"metadata ready in {metadata_dir or data_dir / 'metadata'} "
                    f"({time.perf_counter() - t0:.1f}s); shards skipped")
@@ -77,7 +91,8 @@ def download_cmd(data_dir, scale, metadata_dir, skip_shards, download_npz, proce
 @click.option("--data-dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--metadata-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Metadata the shards were downloaded from (default DATA_DIR/metadata).")
-@catalog_option(help="Register the download_status view in this catalog (created over DATA_DIR if absent).")
+@catalog_option(help="Register the download_status view in this catalog (created as by `curate download "
+                     "--catalog` if absent).")
 def download_status_cmd(data_dir, metadata_dir, catalog):
     """Report per-status counts of an existing download (no network); optionally register
     the download_status view so SQL can join it.
@@ -87,7 +102,7 @@ def download_status_cmd(data_dir, metadata_dir, catalog):
       curate download-status --data-dir /data/datacomp_small --catalog small.duckdb
       duckdb small.duckdb -c "SELECT status, count(*) FROM download_status GROUP BY ALL"
     """
-    report = status_report(data_dir, metadata_dir=metadata_dir, catalog=catalog, progress=progress())
+    report = status_report(data_dir, metadata_dir=metadata_dir, progress=progress())
     _print_report(report, data_dir, catalog)
 
 
@@ -114,7 +129,8 @@ def byod_group():
 @click.option("--batch-size", default=256, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Rescore shards already scored.")
-@catalog_option(help="Then create this catalog over the scored metadata and shards (with download_status).")
+@catalog_option(help="Then create this catalog over the scored metadata and shards (with download_status); "
+                     "replaces the catalog `curate download --catalog` made over DATA_DIR.")
 def byod_score_cmd(data_dir, arch, checkpoint, model_config, out, metadata_dir, embedding, batch_size, device,
                    overwrite, catalog):
     """Compute CLIP image/text embeddings and similarity scores for downloaded shards.
@@ -135,7 +151,10 @@ def byod_score_cmd(data_dir, arch, checkpoint, model_config, out, metadata_dir, 
                f"{res.images:,} images -> {res.out_dir} in {res.elapsed:.1f}s"
                + (f"; kept source columns {', '.join(res.carried)}" if res.carried else ""))
     if catalog is not None:
+        replaced = made_by_download(catalog, data_dir)
         with_status = init_scored_catalog(catalog, data_dir, res.out_dir, overwrite=overwrite)
-        click.echo(f"wrote {catalog}" + (" with view download_status" if with_status else ""))
+        click.echo(f"wrote catalog {catalog_used(catalog)} over {res.out_dir}"
+                   + (" with view download_status" if with_status else "")
+                   + (" (replacing the one `curate download` made over the unscored metadata)" if replaced else ""))
     else:
         click.echo(f"next: curate catalog init byod.duckdb --metadata {res.out_dir} --shards {data_dir / 'shards'}")

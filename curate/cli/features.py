@@ -1,10 +1,13 @@
 """The ``curate features`` command group: build feature tables (producers) ahead of a filter run.
 
 ``features text`` (:func:`curate.features.text.build_text_features`), ``features cld3``
-(:func:`curate.features.cld3.build_text_lang_cld3`) and ``features clusters``
-(:func:`curate.features.clusters.assign_pool`): thin calls of the producers, with the catalog
+(:func:`curate.features.cld3.build_text_lang_cld3`), ``features clusters``
+(:func:`curate.features.clusters.assign_pool`), ``features negcliploss``
+(:func:`curate.features.negcliploss.build_negcliploss`) and ``features normsim``
+(:func:`curate.features.normsim.build_normsim`): thin calls of the producers, with the catalog
 from :func:`~curate.cli.options.catalog_option` and where the tasks run from
 :func:`~curate.cli.options.engine_options`. ``curate run`` builds the same tables on first use.
+Every summary names the catalog it used (:func:`~curate.cli.options.catalog_used`).
 """
 
 from __future__ import annotations
@@ -13,11 +16,13 @@ from pathlib import Path
 
 import click
 
-from curate.catalog.connection import default_catalog
-from curate.cli.options import catalog_option, engine_options, progress
+from curate.cli.options import catalog_option, catalog_used, engine_options, progress
 from curate.features.cld3 import VIEW as CLD3_VIEW
 from curate.features.cld3 import build_text_lang_cld3
 from curate.features.clusters import assign_pool
+from curate.features.negcliploss import DEFAULTS as NEGCLIPLOSS_DEFAULTS
+from curate.features.negcliploss import build_negcliploss
+from curate.features.normsim import build_normsim
 from curate.features.text import build_text_features
 
 WORKERS_HELP = ("Worker processes, one pool file each (default: number of cores; in-process "
@@ -33,6 +38,8 @@ def features():
       curate features text catalog.duckdb --workers 2
       curate features cld3 catalog.duckdb
       curate features clusters --clusters xlarge
+      curate features negcliploss catalog.duckdb --arch l14
+      curate features normsim catalog.duckdb --targets in1k
     """
 
 
@@ -60,7 +67,7 @@ def text_cmd(catalog, lid_model, force, engine):
     click.echo(f"text_features: computed {len(res.computed)} file(s) ({res.rows_computed:,} captions, "
                f"{rate:,.0f}/s), {len(res.skipped)} already current; {res.rows_total:,} rows in {res.out_dir}")
     click.echo(f"fastText model {lid['name']} (sha256 {lid['sha256'][:12]}...), view text_features "
-               f"registered in {_catalog_name(catalog)}, {res.elapsed:.1f}s")
+               f"registered in {catalog_used(catalog)}, {res.elapsed:.1f}s")
 
 
 @features.command("cld3")
@@ -83,7 +90,7 @@ def cld3_cmd(catalog, force, engine):
     rate = res.rows_computed / res.elapsed if res.elapsed > 0 else 0.0
     click.echo(f"{CLD3_VIEW}: computed {len(res.computed)} file(s) ({res.rows_computed:,} captions, "
                f"{rate:,.0f}/s), {len(res.skipped)} already current; {res.rows_total:,} rows in {res.out_dir}")
-    click.echo(f"CLD3 {res.settings['cld3']['package']}, view {CLD3_VIEW} registered in {_catalog_name(catalog)}, "
+    click.echo(f"CLD3 {res.settings['cld3']['package']}, view {CLD3_VIEW} registered in {catalog_used(catalog)}, "
                f"{res.elapsed:.1f}s")
 
 
@@ -103,9 +110,61 @@ def clusters_cmd(catalog, name, engine):
     r = assign_pool(catalog, name, progress=True, engine=engine)
     click.echo(f"cluster_assignments[{name}]: assigned {r['rows']:,} rows in {r['assigned_files']} of "
                f"{r['files']} files ({r['files'] - r['assigned_files']} already done) in {r['seconds']}s")
-    click.echo(f"wrote {r['dir']}")
+    click.echo(f"wrote {r['dir']}, on catalog {catalog_used(catalog)}")
 
 
-def _catalog_name(catalog) -> Path:
-    """The catalog as the user named it (the default one when none was given)."""
-    return catalog if catalog is not None else default_catalog()
+@features.command("negcliploss")
+@catalog_option(positional=True)
+@click.option("--arch", type=click.Choice(["l14", "b32"]), default=NEGCLIPLOSS_DEFAULTS["arch"], show_default=True,
+              help="Which npz embeddings (teacher): {arch}_img and {arch}_txt.")
+@click.option("--tau", type=float, default=NEGCLIPLOSS_DEFAULTS["tau"], show_default=True,
+              help="The teacher's temperature (OpenAI CLIP: 0.01).")
+@click.option("--batch-size", type=click.IntRange(2), default=NEGCLIPLOSS_DEFAULTS["batch_size"], show_default=True,
+              help="Samples per random batch.")
+@click.option("--k", "k", type=click.IntRange(1), default=NEGCLIPLOSS_DEFAULTS["k"], show_default=True,
+              help="Random partitions of the pool into batches (the normalisation is their mean).")
+@click.option("--seed", type=click.IntRange(0), default=NEGCLIPLOSS_DEFAULTS["seed"], show_default=True,
+              help="Seed of the batch partitions.")
+@click.option("--force", is_flag=True, help="Recompute every file, even those already current.")
+@engine_options("one task per batch group, then one per pool file", workers=True)
+def negcliploss_cmd(catalog, arch, tau, batch_size, k, seed, force, engine):
+    """Compute the `negcliploss` table: CLIP score minus the CLIP-loss normalisation.
+
+    Wang et al. (NeurIPS 2024): for each sample, s_ii - 1/K sum_k tau/2 (LSE_j s_ij/tau +
+    LSE_j s_ji/tau) over the batch holding it in each of K seeded random partitions of the
+    pool. Converts the npz embeddings to float32 .npy first (random access); resumable; same
+    bytes on every engine. Registers the view `negcliploss` (see docs/negcliploss-normsim.md).
+
+    \b
+    Example:
+      curate features negcliploss catalog.duckdb --arch l14 --k 10 --batch-size 32768
+    """
+    res = build_negcliploss(catalog, progress=progress(), force=force, engine=engine, arch=arch, tau=tau,
+                            batch_size=batch_size, k=k, seed=seed)
+    s = res.settings
+    click.echo(f"negcliploss[{s['arch']}]: computed {len(res.computed)} file(s) ({res.rows_computed:,} rows, "
+               f"{res.batches:,} batches), {res.files - len(res.computed)} already current; {res.rows_total:,} rows "
+               f"in {res.out_dir}")
+    click.echo(f"tau={s['tau']}, batch_size={s['batch_size']}, k={s['k']}, seed={s['seed']}; view negcliploss "
+               f"registered in {catalog_used(catalog)}, {res.elapsed:.1f}s")
+
+
+@features.command("normsim")
+@catalog_option(positional=True)
+@click.option("--targets", "target_set", required=True, help="Target set name (`curate targets list`).")
+@click.option("--force", is_flag=True, help="Recompute every file, even those already current.")
+@engine_options("one task per pool file", workers=True)
+def normsim_cmd(catalog, target_set, force, engine):
+    """Compute the `normsim` table: NormSim_inf and NormSim_2 of every pool image to a target set.
+
+    normsim_inf = max_t <f(t), f(i)>, normsim_2 = sqrt(mean_t <f(t), f(i)>^2), f the L/14 image
+    embeddings (npz l14_img), target rows L2-normalised. Resumable; registers the view `normsim`.
+
+    \b
+    Example:
+      curate features normsim catalog.duckdb --targets in1k
+    """
+    res = build_normsim(catalog, target_set, progress=progress(), force=force, engine=engine)
+    click.echo(f"normsim[{res.target_set}]: computed {len(res.computed)} file(s) ({res.rows_computed:,} rows against "
+               f"{res.target_rows:,} targets), {res.files - len(res.computed)} already current; in {res.out_dir}")
+    click.echo(f"view normsim registered in {catalog_used(catalog)}, {res.elapsed:.1f}s")

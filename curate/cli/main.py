@@ -31,14 +31,18 @@ COMMANDS: dict[str, str] = {
     "features": "curate.cli.features:features",
     "clusters": "curate.cli.clusters:clusters_group",
     "embeddings": "curate.cli.clusters:embeddings_group",
+    "targets": "curate.cli.targets:targets_group",
     "reshard": "curate.cli.shards:reshard_cmd",
     "shards": "curate.cli.shards:shards_group",
     "train": "curate.cli.train:train_cmd",
     "eval": "curate.cli.evaluate:eval_cmd",
     "eval-export-winogavil": "curate.cli.evaluate:export_winogavil_cmd",
+    "eval-export-folder": "curate.cli.eval_export:export_folder_cmd",
     "tic": "curate.cli.tic:tic",
     "ray": "curate.cli.ray:ray_group",
     "demo": "curate.cli.demo:demo_cmd",
+    "shell": "curate.cli.shell:shell_cmd",
+    "explore": "curate.cli.explore:explore_cmd",
 }
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from curate.catalog.connection import check_new_catalog, init_catalog
-from curate.cli.options import catalog_option
+from curate.cli.options import catalog_option, catalog_used
 from curate.errors import CurateError
 from curate.pool.build import TIME_COLUMN, build_pool, failures
 from curate.pool.recipes import redcaps, yfcc15m
@@ -51,13 +51,13 @@ def _catalog_and_views(catalog: Path | None, out: Path, overwrite: bool, time_vi
         click.echo(f"next: curate catalog init CATALOG --pool {out}")
         return
     init_catalog(catalog, pool=out, overwrite=overwrite)
-    click.echo(f"wrote {catalog}")
+    click.echo(f"wrote catalog {catalog_used(catalog)}")
     if time_views:
         _echo_periods(catalog, create_time_views(catalog, time_col=TIME_COLUMN, **view_args))
 
 
 def _echo_periods(catalog, counts) -> None:
-    click.echo(f"{catalog}: views timesplit, period_split, tic_eval")
+    click.echo(f"{catalog_used(catalog)}: views timesplit, period_split, tic_eval")
     click.echo(f"  {'period':<12} {'train':>10} {'test':>8}")
     for period, train, test in counts:
         if period is None:
@@ -225,4 +225,5 @@ def export_splits_cmd(catalog, out):
     sizes = export_period_splits(catalog, out)
     for period, s in sizes.items():
         click.echo(f"  {period}: train {s['train']:,}, test {s['test']:,}")
-    click.echo(f"wrote {out}: {2 * len(sizes)} subset files in {time.perf_counter() - t0:.1f}s")
+    click.echo(f"wrote {out}: {2 * len(sizes)} subset files from catalog {catalog_used(catalog)} "
+               f"in {time.perf_counter() - t0:.1f}s")

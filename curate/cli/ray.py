@@ -15,14 +15,14 @@ import click
 
 from curate.catalog.connection import connect
 from curate.catalog.remote import init_remote_catalog
-from curate.cli.options import catalog_option, progress, storage_option
+from curate.cli.options import catalog_option, catalog_used, progress, storage_option
 from curate.cli.run import echo_run_summary
 from curate.engine import Engine
 from curate.features.text import build_text_features
 from curate.run import run_filter
 from curate.run.assemble import concat_bucket_directory
 from curate.run.query import parse_sets
-from curate.storage import storage_options_from_env
+from curate.storage import options_given, storage_options_from_env
 
 
 @click.group("ray")
@@ -70,23 +70,29 @@ def ray_run(filter_file, catalog, out, sets, ray_address, num_cpus, max_in_fligh
 @catalog_option(positional=True, required=True, help="Catalog file to create.")
 @click.option("--metadata", required=True, metavar="URL", help="The pool's metadata dir, e.g. s3://bucket/pool/metadata.")
 @click.option("--shards", default=None, metavar="URL", help="The pool's shards dir (recorded in the catalog).")
+@click.option("--features-dir", default=None, metavar="DIR",  # a str: a Path would turn s3:// into s3:/
+              help="Local directory for the pool's feature tables (default: CATALOG.features beside the catalog); "
+                   "never the pool's bucket.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing catalog file.")
 @storage_option
-def ray_catalog_init(catalog, metadata, shards, overwrite, storage_options):
+def ray_catalog_init(catalog, metadata, shards, features_dir, overwrite, storage_options):
     """Create a local CATALOG over a pool in object storage (read through fsspec).
 
     \b
     Example:
       curate ray catalog-init pool.duckdb --metadata s3://bucket/datacomp/small/metadata
+      curate ray catalog-init pool.duckdb --metadata s3://bucket/small/metadata --features-dir /shared/features
     """
     t0 = time.perf_counter()
     opts = storage_options if storage_options is not None else storage_options_from_env()
-    path = init_remote_catalog(catalog, metadata, shards, storage_options=opts, overwrite=overwrite)
+    path = init_remote_catalog(catalog, metadata, shards, storage_options=opts, overwrite=overwrite,
+                               features_dir=features_dir)
     con = connect(path)
     n, files = con.execute("SELECT sum(num_rows), count(*) FROM pool_files").fetchone()
+    feats = con.execute("SELECT value FROM curate_meta WHERE key = 'features_dir'").fetchone()[0]
     con.close()
     click.echo(f"wrote {path}: {n:,} samples in {files} parquet files under {metadata} "
-               f"in {time.perf_counter() - t0:.2f}s")
+               f"in {time.perf_counter() - t0:.2f}s; feature tables go to {feats}")
 
 
 @ray_group.command("subset-concat")
@@ -112,14 +118,17 @@ def ray_subset_concat(directory, out):
 @click.option("--ray-address", default=None, metavar="ADDRESS",
               help="Ray cluster to join (auto, ray://head:10001); default: start Ray on this machine.")
 @click.option("--num-cpus", type=int, default=None, help="CPUs for a Ray started here (default: all).")
-def ray_features_text(catalog, lid_model, force, ray_address, num_cpus):
+@storage_option
+def ray_features_text(catalog, lid_model, force, ray_address, num_cpus, storage_options):
     """Compute the text_features table with one Ray task per stale pool file.
 
     \b
     Example:
       curate ray features-text -c pool.duckdb --ray-address auto
     """
-    res = build_text_features(catalog, lid_model=lid_model, progress=progress(), force=force,
-                              engine=Engine(kind="ray", address=ray_address, num_cpus=num_cpus))
+    with options_given(storage_options):  # a pool in object storage is read with them
+        res = build_text_features(catalog, lid_model=lid_model, progress=progress(), force=force,
+                                  engine=Engine(kind="ray", address=ray_address, num_cpus=num_cpus))
     click.echo(f"text_features: computed {len(res.computed)} file(s) ({res.rows_computed:,} captions), "
                f"{len(res.skipped)} up to date, in {res.elapsed:.1f}s -> {res.out_dir}")
+    click.echo(f"on catalog {catalog_used(catalog)}")

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import click
 
+from curate.catalog.connection import default_catalog
 from curate.cli.options import catalog_option, catalog_used, engine_options, progress
-from curate.run import run_filter
+from curate.run import run_filter, runner
+from curate.run.explain import explain_filter, format_explanation, inspect_prepared
 from curate.run.lint import lint_filter
 from curate.run.query import bundled_filters, parse_sets
 
@@ -21,8 +23,14 @@ from curate.run.query import bundled_filters, parse_sets
               help="Subset file to write (default: subsets/FILTER.npy); a .json manifest goes beside it.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override a parameter the filter declares with SET VARIABLE (repeatable).")
+@click.option("--explain", is_flag=True,
+              help="Also print the funnel: rows each WHERE conjunct rejects, alone and in order (docs/explain.md).")
+@click.option("--dropped", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write every dropped uid with the first conjunct that rejected it (parquet).")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also draw the histogram of each score the filter thresholds, kept part overlaid (PNG).")
 @engine_options("one DuckDB task per pool file")
-def run_cmd(filter_file, catalog, out, sets, engine):
+def run_cmd(filter_file, catalog, out, sets, explain, dropped, plot, engine):
     """Run a SQL filter (a file, or a bundled filter's name: see `curate filters`) and write a
     DataComp subset file (sorted u8,u8 .npy).
 
@@ -30,10 +38,34 @@ def run_cmd(filter_file, catalog, out, sets, engine):
     Example:
       curate run filters/clip_score_l14_30pct.sql --set fraction=0.1 -o subsets/l14_10pct.npy
       curate run clip_score_l14_30pct -c pool.duckdb -o subsets/l14_30pct.npy
+      curate run laion2b --explain --dropped dropped.parquet --plot laion2b.png
     """
-    res = run_filter(filter_file, catalog=catalog, out=out, sets=parse_sets(sets), progress=progress(),
-                     engine=engine)
+    sets = parse_sets(sets)
+    inspect = explain or dropped is not None or plot is not None
+    subset = out or runner.default_out(filter_file)
+    outputs = [subset, subset.with_suffix(".json")]
+    found = []
+    if inspect and engine.distributed:
+        click.echo("note: --explain, --dropped and --plot run locally, on this machine's DuckDB", err=True)
+        found.append(explain_filter(filter_file, catalog, sets, dropped=dropped, plot=plot, progress=progress(),
+                                    outputs=outputs))
+        res = run_filter(filter_file, catalog=catalog, out=out, sets=sets, progress=progress(), engine=engine)
+    elif inspect:
+        def before_fetch(con, query, opened):  # on the connection and query the subset comes from
+            found.append(inspect_prepared(con, opened.flt, query, opened.params, catalog or default_catalog(),
+                                          explain, dropped, plot, outputs))
+
+        res = runner.run_filter(filter_file, catalog, out, sets, progress(), before_fetch=before_fetch)
+    else:
+        res = run_filter(filter_file, catalog=catalog, out=out, sets=sets, progress=progress(), engine=engine)
+    if explain:
+        for line in format_explanation(found[0], filter_file):
+            click.echo(line)
     echo_run_summary(filter_file, res, catalog)
+    if dropped is not None:
+        click.echo(f"wrote {found[0].dropped_rows:,} dropped rows to {dropped}")
+    if plot is not None:
+        click.echo(f"wrote {plot}")
 
 
 def echo_run_summary(filter_file, res, catalog, thresholds: bool = True, note: str = "") -> None:

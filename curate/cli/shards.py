@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from curate.cli.options import catalog_option, engine_options, progress
+from curate.cli.options import catalog_option, catalog_used, engine_options, progress
 from curate.errors import CurateError
 from curate.shards.index import index_catalog
 from curate.shards.reshard import reshard
@@ -58,7 +58,8 @@ def reshard_cmd(inputs, output_dir, subset_file, shard_size, cls_file, apply_blu
     for line in res.summary():
         click.echo(line)
     rate = res.output_count / res.elapsed if res.elapsed else 0.0
-    click.echo(f"done in {res.elapsed:.2f}s ({rate:,.0f} samples/s)")
+    click.echo(f"done in {res.elapsed:.2f}s ({rate:,.0f} samples/s)"
+               + (f" with catalog {catalog_used(catalog)}" if catalog is not None else " (no catalog)"))
 
 
 @click.group("shards")
@@ -85,7 +86,7 @@ def shards_index_cmd(catalog, shards, workers):
     t0 = time.perf_counter()
     r = index_catalog(catalog, shards, workers=workers, progress=progress())
     click.echo(f"{r.root}: {r.samples:,} samples in {r.tars} tars ({r.scanned} scanned now) "
-               f"indexed in {catalog} in {time.perf_counter() - t0:.2f}s")
+               f"indexed in catalog {catalog_used(catalog)} in {time.perf_counter() - t0:.2f}s")
     if r.truncated:
         click.echo(f"  {len(r.truncated)} truncated tars (cut inside a member or missing the end-of-archive "
                    f"blocks; last sample left out): {', '.join(r.truncated[:5])}")
@@ -120,6 +121,6 @@ def shards_verify_cmd(directory, inputs, catalog):
     kind = "reshard output" if rep.reshard_output else "shard directory"
     status = "ok" if rep.ok else f"{len(rep.problems)} problems"
     click.echo(f"{directory}: {kind}, {rep.samples:,} samples in {rep.tars} tars: {status} "
-               f"({time.perf_counter() - t0:.2f}s)")
+               f"({time.perf_counter() - t0:.2f}s" + (f", catalog {catalog_used(catalog)})" if catalog is not None else ")"))
     if not rep.ok:
         sys.exit(1)

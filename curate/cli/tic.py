@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from curate.cli.options import catalog_option, engine_options, progress
+from curate.cli.options import catalog_option, catalog_used, engine_options, progress
 from curate.run.query import parse_sets
 from curate.tic.analytics import time_stats, write_stats
 from curate.tic.artifacts import Assignment, make_tic_artifacts
@@ -50,7 +50,7 @@ def attach_cmd(catalog, tic_dir):
         click.echo(f"eval {task}: {r.eval_counts.get(task, 0):,} uids" + (f" from {src}" if src else " (no map)"))
     for m in r.mismatches:
         click.echo(f"warning: {m}", err=True)
-    click.echo(f"views {', '.join(r.views)} registered in {catalog} in {r.elapsed:.2f}s")
+    click.echo(f"views {', '.join(r.views)} registered in catalog {catalog_used(catalog)} in {r.elapsed:.2f}s")
 
 
 @tic.command("export")
@@ -75,6 +75,7 @@ def export_cmd(catalog, out, filter_path, sets, eval_sets, shards, engine):
     """
     export_tic(catalog, out, filter_path, parse_sets(sets), eval_sets=eval_sets, shards=shards, engine=engine,
                progress=progress(), echo=click.echo)
+    click.echo(f"exported {out} from catalog {catalog_used(catalog)}")
 
 
 @tic.command("plan")
@@ -143,7 +144,7 @@ def prepare_cmd(plan, catalog, shards, root, only, engine, overwrite):
     click.echo(f"replay subsets: {len(r.subsets_made)} made, {len(r.subsets_kept)} already there")
     for d, n in r.dirs.items():
         click.echo(f"  {d}: {n:,} samples")
-    click.echo(f"prepared {len(r.dirs)} data dirs for {plan} in {r.elapsed:.2f}s")
+    click.echo(f"prepared {len(r.dirs)} data dirs for {plan} from catalog {catalog_used(catalog)} in {r.elapsed:.2f}s")
 
 
 @tic.command("stats")
@@ -169,6 +170,7 @@ def stats_cmd(catalog, out, filter_path, sets):
         click.echo(line)
     for f in write_stats(st, out):
         click.echo(f"wrote {f}")
+    click.echo(f"on catalog {catalog_used(catalog)}")
 
 
 @tic.command("artifacts")
@@ -189,7 +191,8 @@ def artifacts_cmd(catalog, out, monthly, seed, retrieval_fraction, datacompnet_f
     t0 = time.perf_counter()
     c = make_tic_artifacts(catalog, out, monthly=monthly, assignment=Assignment(
         seed=seed, retrieval_fraction=retrieval_fraction, datacompnet_fraction=datacompnet_fraction))
-    click.echo(f"wrote {out}: {c['pool_uids']:,} uids over {c['months']} months; {c['train']:,} training, "
+    click.echo(f"wrote {out} from catalog {catalog_used(catalog)}: {c['pool_uids']:,} uids over {c['months']} months; "
+               f"{c['train']:,} training, "
                f"{c['retrieval']:,} retrieval eval, {c['datacompnet']:,} DataCompNet eval "
                f"in {time.perf_counter() - t0:.2f}s")
 
@@ -213,6 +216,7 @@ def train_cmd(plan, root, workers, precision, num_checkpoints, threads, only, np
     \b
     Example:
       curate tic plan --strategy cumulative-all --steps 2016,2017,2018 --sizes tic/ --budget 20000 -o plan.json
+      curate tic prepare plan.json --catalog pool.duckdb
       curate tic train plan.json --workers 2
     """
     from curate.tic.train import run_plan  # lazy: optional extra [torch] (open_clip's trainer)

@@ -31,9 +31,11 @@ from pathlib import Path
 import numpy as np
 
 from curate.atomic import atomic_path
+from curate.errors import CurateError
 from curate.evaluate import EvalError
 from curate.evaluate.metrics import zero_shot_weights
 from curate.evaluate.tasks import TaskData, iter_samples
+from curate.train.trainer import register_model
 
 PRECISIONS = ("auto", "fp32", "amp", "bf16")
 
@@ -76,12 +78,20 @@ def default_device() -> str:
 
 
 def load_model(model_name: str, checkpoint: str | os.PathLike, device: str | None = None,
-               precision: str = "fp32") -> LoadedModel:
+               precision: str = "fp32", model_config: str | os.PathLike | None = None) -> LoadedModel:
     """open_clip model ``model_name`` with the weights of a training checkpoint (ours), on
-    ``device`` (default: CUDA when available) evaluated at ``precision`` (see the module doc)."""
+    ``device`` (default: CUDA when available) evaluated at ``precision`` (see the module doc).
+
+    ``model_name`` is what ``info.json`` records: an open_clip name, a train/models/ directory
+    name (registered with open_clip here, from ``model_config`` when given, the record's
+    ``model_config``), or an older run's ``local-dir:DIR``."""
     import open_clip  # lazy: optional extra [torch]
     import torch  # lazy: optional extra [torch]
 
+    try:
+        model_name = register_model(model_name, model_config)
+    except CurateError as e:
+        raise EvalError(str(e)) from None
     device = device or default_device()
     precision = resolve_precision(precision, device)
     ck = Path(checkpoint)

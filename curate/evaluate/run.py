@@ -262,7 +262,8 @@ def evaluate_run(train_output_dir, tasks=None, data_dir=None, output_dir=None, b
         if model is None:
             if threads:
                 set_threads(threads)
-            model = load_model(rec["model"], checkpoint, device=device, precision=precision)
+            model = load_model(rec["model"], checkpoint, device=device, precision=precision,
+                               model_config=rec.get("model_config"))
         if say:
             say(f"{key}: {len(data.shards)} shards ({model.device}, {model.precision})")
         res = run_task(model, data, key, batch_size, progress, classifiers)

@@ -31,6 +31,8 @@ from curate.sqltokens import tokenize
 #: view name -> "module:attribute" of the producer object
 PRODUCERS: dict[str, str] = {
     "cluster_assignments": "curate.features.clusters:ASSIGNMENTS",
+    "negcliploss": "curate.features.negcliploss:PRODUCER",
+    "normsim": "curate.features.normsim:PRODUCER",
     "text_features": "curate.features.text:PRODUCER",
     "text_lang_cld3": "curate.features.cld3:PRODUCER",
 }

@@ -41,11 +41,11 @@ from tqdm import tqdm
 
 from curate import resources
 from curate.atomic import atomic_path, file_sha256, replace_dir, write_json
-from curate.catalog.connection import init_catalog
+from curate.catalog.connection import catalog_meta, connect, init_catalog
 from curate.catalog.schema import POOL_SCHEMA, extra_columns
 from curate.errors import CurateError
 from curate.pool.download import (MANIFEST, SAMPLES_PER_SHARD, STATUS_DIR, DownloadError, check_metadata,
-                                  register_status_view, source_metadata_dir)
+                                  made_by_download, register_status_view, source_metadata_dir)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 EMBEDDINGS = ("b32", "l14")
@@ -435,9 +435,23 @@ def score_data_dir(data_dir: str | os.PathLike, arch: str | None, checkpoint: st
 def init_scored_catalog(catalog: str | os.PathLike, data_dir: str | os.PathLike, scored_dir: str | os.PathLike,
                         overwrite: bool = False) -> bool:
     """Create ``catalog`` over the scored metadata ``scored_dir`` and ``DATA_DIR/shards``, with
-    the ``download_status`` view when `curate download` left status files. Returns whether it did."""
+    the ``download_status`` view when `curate download` left status files. Returns whether it did.
+
+    The catalog ``curate download --catalog`` made over this data dir (its pool: the unscored
+    ``DATA_DIR/pool_metadata``) is replaced, keeping its features directory: its pool view then
+    has the scores. Any other existing file is refused unless ``overwrite``.
+    """
     data_dir = Path(data_dir)
-    init_catalog(catalog, metadata=scored_dir, shards=data_dir / "shards", overwrite=overwrite)
+    features = None
+    if not overwrite and made_by_download(catalog, data_dir):
+        con = connect(catalog)
+        try:
+            features = catalog_meta(con).get("features_dir")
+        finally:
+            con.close()
+        overwrite = True
+    init_catalog(catalog, metadata=scored_dir, shards=data_dir / "shards", overwrite=overwrite,
+                 features_dir=features)
     status = sorted((data_dir / STATUS_DIR).glob("*.parquet"))
     if status:
         register_status_view(catalog, status, data_dir)

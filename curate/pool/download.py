@@ -40,8 +40,8 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from curate.atomic import atomic_path, write_json
-from curate.catalog.connection import init_catalog, register_parquet_view
-from curate.catalog.schema import POOL_COLUMNS, check_columns, read_footer
+from curate.catalog.connection import catalog_meta, connect, init_catalog, register_parquet_view
+from curate.catalog.schema import POOL_COLUMNS, POOL_SCHEMA, check_columns, extra_columns, read_footer
 from curate.engine import die_with_parent
 from curate.errors import CurateError
 
@@ -62,6 +62,7 @@ HUB_COMPLETE = ".curate_metadata_complete"  # dot-name: ignored by img2dataset a
 MANIFEST = "download_manifest.json"
 REPORT = "download_report.json"
 STATUS_DIR = "download_status"
+POOL_METADATA_DIR = "pool_metadata"  # bring-your-own metadata in the CommonPool format (--catalog)
 
 #: The pool columns img2dataset reads (``face_bboxes`` too, unless blurring is skipped).
 REQUIRED_COLUMNS = ("uid", "url", "text")
@@ -538,6 +539,8 @@ class DownloadReport:
     top_errors: list[tuple[str, str, int]] = field(default_factory=list)
     status_files: list[Path] = field(default_factory=list)
     elapsed: float = 0.0
+    metadata: Metadata | None = None  # the metadata the shards came from
+    catalog: DownloadCatalog | None = None  # what ``catalog=`` made (see :func:`download_catalog`)
 
     @property
     def attempted(self) -> int:
@@ -588,7 +591,7 @@ def build_report(data_dir: Path, md: Metadata, status_files: list[Path], verifie
     if unknown:
         raise DownloadError(f"{data_dir / STATUS_DIR}: unexpected img2dataset status {sorted(unknown)[0]!r}")
     return DownloadReport(data_dir, counts, md.num_rows, len(status_files), md.num_shards, differs, verified,
-                          [(s, e, int(n)) for s, e, n in top], status_files)
+                          [(s, e, int(n)) for s, e, n in top], status_files, metadata=md)
 
 
 def register_status_view(catalog: str | os.PathLike, status_files: list[Path], data_dir: Path,
@@ -601,6 +604,128 @@ def register_status_view(catalog: str | os.PathLike, status_files: list[Path], d
     register_parquet_view(catalog, "download_status", status_files)
 
 
+def lacks_pool_columns(md: Metadata) -> list[str]:
+    """The CommonPool columns the metadata files do not have (none for a CommonPool download)."""
+    names = set(pq.read_schema(md.files[0].path).names)
+    return [c for c in POOL_COLUMNS if c not in names]
+
+
+def _shard_sizes(shards_dir: Path, shard: int) -> dict[int, tuple[int | None, int | None]]:
+    """Row in the shard -> (original_width, original_height) img2dataset recorded for the
+    samples it downloaded (``status = 'success'``) of a finished shard; {} for an unfinished one."""
+    path = shards_dir / f"{shard:08d}.parquet"
+    if not (shards_dir / f"{shard:08d}_stats.json").is_file() or not path.is_file():
+        return {}
+    try:
+        t = pq.read_table(path, columns=["key", "status", "original_width", "original_height"])
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for bad files
+        raise DownloadError(f"{path}: cannot read img2dataset's shard parquet ({e})") from None
+    out = {}
+    for key, status, w, h in zip(*(t.column(c).to_pylist() for c in t.column_names)):
+        if status == "success":
+            out[int(key) % SAMPLES_PER_SHARD] = (w, h)
+    return out
+
+
+def write_pool_metadata(data_dir: str | os.PathLike, md: Metadata, progress: bool = True) -> Path:
+    """``DATA_DIR/pool_metadata/``: your metadata in the CommonPool format, one parquet per
+    metadata file (same name, same rows in the same order, so the catalog's ``(file, row) ->
+    (shard, key)`` rule holds), for a catalog over a bring-your-own-data download.
+
+    The nine columns: those your metadata has are kept (cast to the pool's types);
+    ``original_width``/``original_height`` otherwise come from img2dataset's record of each
+    downloaded image (NULL where the image was not downloaded, or its shard is not finished);
+    ``clip_b32_similarity_score``/``clip_l14_similarity_score`` are NULL (``curate byod score``
+    computes them); ``face_bboxes`` is empty and ``sha256`` NULL when absent. Your other columns
+    follow the nine. Written per shard (10,000 rows at a time), each file under a temporary
+    name; rewritten on every call, so a resumed download's newly finished shards show up.
+    """
+    data_dir = Path(data_dir)
+    out_dir, shards_dir = data_dir / POOL_METADATA_DIR, data_dir / "shards"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in tqdm(md.files, desc="pool metadata", unit="file", disable=not progress):
+        src = pq.read_schema(f.path)
+        extra = [src.field(n) for n in extra_columns(src.names)]
+        schema = pa.schema(list(POOL_SCHEMA) + extra)
+        with atomic_path(out_dir / f.path.name) as tmp:
+            with pq.ParquetWriter(tmp, schema) as w:
+                for shard in range(f.first_shard, f.first_shard + f.num_shards):
+                    _, first, rows = md.rows_of_shard(shard, src.names)
+                    w.write_table(_pool_rows(rows, schema, _shard_sizes(shards_dir, shard), f.path))
+    return out_dir
+
+
+def _pool_rows(rows: pa.Table, schema: pa.Schema, sizes: dict, where: Path) -> pa.Table:
+    n = rows.num_rows
+    cols = []
+    for field_ in schema:
+        name = field_.name
+        if name in rows.column_names:
+            try:
+                cols.append(rows.column(name).cast(field_.type))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+                raise DownloadError(f"{where}: column '{name}' cannot be read as {field_.type} ({e})") from None
+        elif name in ("original_width", "original_height"):
+            i = 0 if name == "original_width" else 1
+            cols.append(pa.array([sizes.get(r, (None, None))[i] for r in range(n)], field_.type))
+        elif name == "face_bboxes":
+            cols.append(pa.array([[]] * n, field_.type))
+        else:
+            cols.append(pa.nulls(n, field_.type))
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def made_by_download(catalog: str | os.PathLike, data_dir: str | os.PathLike) -> bool:
+    """Whether ``catalog`` is one :func:`download_catalog` made over ``DATA_DIR/pool_metadata``
+    (bring-your-own metadata, not scored yet)."""
+    if not Path(catalog).is_file():
+        return False
+    try:
+        con = connect(catalog)
+    except CurateError:
+        return False
+    try:
+        recorded = catalog_meta(con).get("metadata_dir")
+    finally:
+        con.close()
+    return recorded is not None and Path(recorded) == (Path(data_dir) / POOL_METADATA_DIR).resolve()
+
+
+@dataclass
+class DownloadCatalog:
+    path: Path
+    pool_metadata: Path | None  # DATA_DIR/pool_metadata, when written (the catalog's pool is there)
+    missing: list[str]  # the pool columns your metadata lacked
+    created: bool  # False: the catalog existed, only its download_status view was replaced
+
+
+def download_catalog(catalog: str | os.PathLike, data_dir: str | os.PathLike, md: Metadata,
+                     status_files: list[Path], progress: bool = True) -> DownloadCatalog:
+    """``--catalog`` of `curate download` / `download-status`: a catalog over what was downloaded,
+    with the ``download_status`` view.
+
+    Metadata with the nine CommonPool columns (a hub pool, or your own in that format) is the
+    catalog's pool as it is. Bring-your-own metadata with fewer columns (``uid, url, text``...)
+    becomes :func:`write_pool_metadata`'s ``DATA_DIR/pool_metadata`` first (rewritten while the
+    catalog's pool is there, so newly finished shards show up), except when it came from the hub
+    (``--scale``): a CommonPool file without its columns is an error there. An existing catalog
+    keeps its pool (e.g. the scored one of ``curate byod score --catalog``); its
+    ``download_status`` view is replaced.
+    """
+    data_dir, catalog = Path(data_dir), Path(catalog)
+    if not status_files:
+        raise DownloadError(f"{data_dir}: no finished shard yet, nothing to register")
+    missing = lacks_pool_columns(md)
+    metadata_dir = md.files[0].path.parent
+    if missing and (metadata_dir / HUB_COMPLETE).is_file():
+        missing = []  # a CommonPool download: the catalog's own check names the missing column
+    created = not catalog.exists()
+    ours = missing and (created or made_by_download(catalog, data_dir))
+    pool_dir = write_pool_metadata(data_dir, md, progress) if ours else None
+    register_status_view(catalog, status_files, data_dir, pool_dir or metadata_dir)
+    return DownloadCatalog(catalog, pool_dir, missing, created)
+
+
 # ---------------------------------------------------------------------------------------------
 # the whole job
 
@@ -611,7 +736,7 @@ def download(data_dir: str | os.PathLike, scale: str | None = "small", metadata_
     """Fetch metadata (hub or ``metadata_dir``), download images, write status files and a report.
 
     Re-running after a kill skips the metadata already fetched and every shard img2dataset
-    finished. Returns None with ``skip_shards``.
+    finished. Returns None with ``skip_shards``. ``catalog``: then :func:`download_catalog`.
     """
     t0 = time.perf_counter()
     s = settings or DownloadSettings()
@@ -639,7 +764,7 @@ def download(data_dir: str | os.PathLike, scale: str | None = "small", metadata_
     report.elapsed = time.perf_counter() - t0
     write_json(data_dir / REPORT, report.to_json())
     if catalog is not None:
-        register_status_view(catalog, status_files, data_dir, metadata_dir)
+        report.catalog = download_catalog(catalog, data_dir, md, status_files, progress=progress)
     return report
 
 
@@ -680,7 +805,7 @@ def status_report(data_dir: str | os.PathLike, metadata_dir: str | os.PathLike |
     report = build_report(data_dir, md, status_files, verified=_was_verified(data_dir))
     write_json(data_dir / REPORT, report.to_json())
     if catalog is not None:
-        register_status_view(catalog, status_files, data_dir, metadata_dir)
+        report.catalog = download_catalog(catalog, data_dir, md, status_files, progress=progress)
     return report
 
 
@@ -699,5 +824,5 @@ def no_success_error(report: DownloadReport) -> DownloadError | None:
     return None
 
 
-__all__ = ["download", "status_report", "check_metadata", "fetch_metadata", "DownloadSettings",
+__all__ = ["download", "status_report", "download_catalog", "write_pool_metadata", "DownloadCatalog", "check_metadata", "fetch_metadata", "DownloadSettings",
            "DownloadReport", "DownloadError", "HUB_REPOS", "STATUSES"]

@@ -558,7 +558,8 @@ def open_filter(filter_path, catalog=None, sets: dict | None = None, *, progress
     catalog = Path(catalog) if catalog else default_catalog()
     sets = sets or {}
     flt = filter_path if isinstance(filter_path, FilterFile) else load_filter(filter_path)
-    built = build_features(catalog, flt, sets, progress) if features else {}
+    with storage.options_given(storage_options):  # feature builds read the pool with them too
+        built = build_features(catalog, flt, sets, progress) if features else {}
     con = connect(catalog)
     try:
         register_catalog_filesystems(con, storage_options)

@@ -46,7 +46,7 @@ from curate.run.query import (FilterError, FilterFile, OpenFilter, check_uid_col
                               open_filter)
 from curate.run.ray_threshold import PASSES, exact_threshold
 from curate.run.runner import RunResult, default_out, manifest_record
-from curate.run.thresholds import ThresholdCall, extract_fraction_thresholds
+from curate.run.thresholds import ThresholdCall, extract_fraction_thresholds, mentions_fraction_threshold
 
 LAYOUTS = ("file", "buckets")
 
@@ -153,6 +153,11 @@ def _plan(filter_path, catalog, sets: dict, progress: bool, storage_options) -> 
     con, flt, ctx = opened.con, opened.flt, opened.context
     try:
         rewritten, calls = extract_fraction_thresholds(opened.query)
+        for call in calls:
+            # an inner call would be evaluated per pool file by the outer call's score: refuse it
+            if mentions_fraction_threshold(call.score_sql) or mentions_fraction_threshold(call.fraction_sql):
+                raise FilterError(f"{flt.path}: the ray engine cannot compute a fraction_threshold() nested "
+                                  f"inside another fraction_threshold(); use --engine local")
         # workers get the filter's own query text (read_subset() calls intact: each worker registers
         # the subsets itself); the calls are numbered the same way in both texts
         worker_query, _ = extract_fraction_thresholds(flt.query)

@@ -50,11 +50,13 @@ def default_out(filter_path, suffix: str = ".npy") -> Path:
     return Path("subsets") / (Path(filter_path).stem + suffix)
 
 
-def run_filter(filter_path, catalog=None, out=None, sets=None, progress=False) -> RunResult:
+def run_filter(filter_path, catalog=None, out=None, sets=None, progress=False, before_fetch=None) -> RunResult:
     """Run ``filter_path`` on ``catalog`` here and write the sorted subset ``out`` plus its manifest.
 
     ``filter_path`` is a file or a bundled filter's name; ``sets`` overrides its parameters.
     (:func:`curate.run.run_filter` is the same call with an engine to choose.)
+    ``before_fetch(con, query, opened)``, if given, runs on the prepared, sandboxed connection
+    once the query is checked and before its rows are fetched (``curate run --explain``).
     """
     t0 = time.perf_counter()
     catalog = Path(catalog) if catalog else default_catalog()
@@ -69,6 +71,8 @@ def run_filter(filter_path, catalog=None, out=None, sets=None, progress=False) -
     try:
         query, thresholds = precompute_thresholds(con, opened.query)
         check_uid_column(con, query, flt.path)
+        if before_fetch is not None:
+            before_fetch(con, query, opened)
         parts = _fetch_records(con, query, flt.path)
         pool_rows = int(con.execute("SELECT sum(num_rows) FROM pool_files").fetchone()[0] or 0)
     finally:

@@ -22,8 +22,11 @@ t and B the replay-buffer size (default |D_t|, the size of the new data; ``--buf
   as ``tic:scripts`` trains it (7 × C for 2016..2022).
 
 A buffer share larger than the data of that step is capped at its size (``capped: true``).
-Buffers are materialised with ``filters/tic/replay.sql`` (md5-threshold sampling, nested as
-fractions shrink), so a buffer's actual size is within sampling noise of ``samples``.
+Buffers are materialised with ``filters/tic/replay.sql``: exactly ``samples`` uids, those with
+the lowest ``md5(seed || uid)`` (nested as shares shrink). Each step's entries carry a
+``probability`` (samples / the step's mixture); ``curate tic train`` turns them into
+open_clip's per-shard weights (:func:`curate.tic.train.mixture_weights`) from the samples each
+dir actually holds, so the draws follow the plan even where some uids were never downloaded.
 """
 
 from __future__ import annotations
@@ -155,7 +158,7 @@ def make_plan(strategy: str, steps: list[int], budget: int, sizes: dict, *, size
                     "dir": f"{replay_root}/{strategy}/{name}/{steps[k - 1]}",
                     "subset": f"replay/{strategy}/{name}/{steps[k - 1]}.npy",
                     "make": {"filter": "filters/tic/replay.sql",
-                             "set": {"first_year": g[0], "last_year": g[-1], "fraction": float(frac), "seed": seed}},
+                             "set": {"first_year": g[0], "last_year": g[-1], "samples": take, "seed": seed}},
                     "available": avail, "share_of_buffer": str(share), "fraction": float(frac),
                     "samples": take, "capped": int(want) > avail,
                 })
@@ -192,7 +195,7 @@ def _step(index, name, years, data, init, prev, warmup, samples, scale, run_dir)
         "train": {  # keyword arguments of curate.train.trainer.TrainSpec
             "scale": scale,
             "data": "::".join(d["dir"] for d in data),
-            "data_weights": None,  # samples are drawn uniformly over the mixture
+            "data_weights": None,  # curate tic train sets them from each entry's probability
             "output_dir": run_dir,
             "exp_name": name,
             "new_run": init == "warm",

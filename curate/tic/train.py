@@ -14,7 +14,8 @@ import os
 from pathlib import Path
 
 from curate.tic.plan import FIRST_YEAR, load_sizes, make_plan, parse_steps, read_plan, write_plan
-from curate.train.trainer import RECORD_NAME, TrainError, TrainSpec, latest_checkpoint, scale_config, train
+from curate.train.trainer import (RECORD_NAME, DataSource, TrainError, TrainSpec, latest_checkpoint, parse_data,
+                                  scale_config, train)
 
 
 def plan_for_scale(strategy: str, steps: str, sizes: str | os.PathLike, out: str | os.PathLike | None = None, *,
@@ -58,6 +59,28 @@ def plan_step_spec(step: dict, root: Path, **overrides) -> TrainSpec:
     return TrainSpec(**t)
 
 
+def mixture_weights(step: dict, sources: list[DataSource]) -> list[float]:
+    """open_clip's per-shard weight for each data dir of a plan step, so that the expected share
+    of the samples drawn from dir d is the plan's ``probability`` p_d.
+
+    With ``--dataset-resampled`` open_clip draws whole shards with probability proportional to
+    their weight (every shard of a dir gets the dir's weight w_d), so dir d yields a share
+    w_d * S_d / sum_e(w_e * S_e) of the samples, S_d being the samples it holds. Hence
+    w_d = p_d * T / S_d with T = sum_e S_e: 1.0 for every dir when each holds exactly its
+    planned samples, larger for a dir that came out short (uids never downloaded). A dir whose
+    count is unknown (a remote URL, or no ``sizes.json`` / ``_stats.json``) is taken to hold its
+    planned ``samples``.
+    """
+    data = step.get("data") or []
+    name = step.get("name")
+    if len(data) != len(sources):
+        raise TrainError(f"plan step {name!r}: {len(data)} data entries but {len(sources)} data dirs")
+    held = [s.num_samples if s.num_samples is not None else int(d.get("samples") or 0)
+            for d, s in zip(data, sources)]
+    total = sum(held)
+    return [float(d.get("probability", 0.0)) * total / n if n else 0.0 for d, n in zip(data, held)]
+
+
 def step_done(spec: TrainSpec) -> bool:
     """True when the step's run finished: a record with every checkpoint and the planned samples."""
     rec = spec.run_dir / RECORD_NAME
@@ -78,6 +101,8 @@ def run_plan(plan_path, root=None, *, workers: int = 4, precision: str | None = 
 
     A warm step (``init == "warm"``) starts from the previous step's ``epoch_latest.pt`` with
     weights only (TiC's ``--new_run``); a killed step resumes from its own last checkpoint.
+    A step without ``data_weights`` trains with :func:`mixture_weights` (the plan's
+    probabilities over the samples each dir holds).
     """
     plan = read_plan(plan_path)
     root = Path(root) if root is not None else Path.cwd()
@@ -92,6 +117,8 @@ def run_plan(plan_path, root=None, *, workers: int = 4, precision: str | None = 
             say(f"step {name}: done already ({spec.run_dir})")
             out.append({"step": name, "status": "skipped", "run_dir": str(spec.run_dir)})
             continue
+        if spec.data_weights is None:  # the plan's probabilities, as shard weights
+            spec.data_weights = "::".join(repr(w) for w in mixture_weights(step, parse_data(spec.data)))
         if spec.new_run and latest_checkpoint(spec.run_dir) is None and not Path(spec.resume).is_file():
             raise TrainError(f"plan step {name}: warm start needs {spec.resume} (train the previous step first)")
         say(f"step {name}: {step.get('init')} start, {spec.train_num_samples or 'scale default'} samples "

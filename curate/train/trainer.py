@@ -33,6 +33,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -94,6 +95,99 @@ def resolve_model(model: str) -> str:
     if (p / "open_clip_config.json").is_file():
         return f"local-dir:{p.resolve()}"
     return model
+
+
+# --------------------------------------------------------------------------- model names upstream tools load
+#
+# open_clip ignores ``pretrained=`` for a ``local-dir:`` name (it loads the weights found in
+# that directory, and there are none), so clip_benchmark and DataComp's evaluate.py, which call
+# ``create_model_and_transforms(NAME, pretrained=CHECKPOINT)``, would evaluate a randomly
+# initialised model. The training record therefore names a config directory by a plain open_clip
+# model name (the directory's name, e.g. ``tiny-vit``), and the run directory holds that name's
+# config as ``open_clip_models/NAME.json``, the file ``open_clip.add_model_config`` registers.
+
+MODEL_CONFIGS_DIR = "open_clip_models"
+
+
+def model_config_file(model: str) -> Path | None:
+    """The ``open_clip_config.json`` behind a config-directory model (a train/models/ name, a
+    directory, or ``local-dir:DIR``), or None for an open_clip model name."""
+    if model.startswith("local-dir:"):
+        model = model[len("local-dir:"):]
+    for d in (MODELS_DIR / model, Path(model)):
+        if (d / "open_clip_config.json").is_file():
+            return (d / "open_clip_config.json").resolve()
+    return None
+
+
+def plain_model_config(config_file: str | os.PathLike) -> dict:
+    """The bare model config (``model_cfg`` of a wrapped ``open_clip_config.json``)."""
+    try:
+        cfg = json.loads(Path(config_file).read_text())
+    except (OSError, ValueError) as e:
+        raise TrainError(f"{config_file}: cannot read model config ({e})") from None
+    cfg = cfg.get("model_cfg", cfg) if isinstance(cfg, dict) else None
+    if not isinstance(cfg, dict) or not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
+        raise TrainError(f"{config_file}: not an open_clip model config (embed_dim, vision_cfg, text_cfg)")
+    return cfg
+
+
+def _builtin_models() -> set[str]:
+    import open_clip  # lazy: optional extra [torch]
+
+    return set(open_clip.list_models())
+
+
+def record_model_name(model: str) -> str:
+    """The model name ``info.json`` records: a config directory's name (registered with
+    :func:`register_model` before use), unless open_clip already knows that name for another
+    model, then ``local-dir:DIR``; an open_clip model name as it is."""
+    cfg = model_config_file(model)
+    if cfg is None:
+        return model
+    name = cfg.parent.name
+    if name in _builtin_models() and _registered_config(name) != plain_model_config(cfg):
+        return f"local-dir:{cfg.parent}"
+    return name
+
+
+def _registered_config(name: str) -> dict | None:
+    import open_clip  # lazy: optional extra [torch]
+
+    return open_clip.get_model_config(name)
+
+
+def register_model(name: str, config_file: str | os.PathLike | None = None) -> str:
+    """Make ``name`` an open_clip model name in this process (``open_clip.add_model_config``):
+    from ``config_file`` (a bare ``NAME.json`` or a wrapped ``open_clip_config.json``) or the
+    train/models/NAME directory. Names open_clip knows and ``local-dir:`` names are returned as
+    they are; so is an unknown name without a config (open_clip reports it when used)."""
+    import open_clip  # lazy: optional extra [torch]
+
+    if name.startswith(("local-dir:", "hf-hub:")):
+        return name
+    src = Path(config_file) if config_file else model_config_file(name)
+    if src is None:
+        return name
+    cfg = plain_model_config(src)
+    known = _registered_config(name)
+    if known is not None:
+        if known != cfg:
+            raise TrainError(f"model {name!r}: open_clip already has a different config under this name ({src})")
+        return name
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d) / f"{name}.json"
+        f.write_text(json.dumps(cfg))
+        open_clip.add_model_config(f)
+    return name
+
+
+def write_model_config(run_dir: str | os.PathLike, name: str, config_file: str | os.PathLike) -> Path:
+    """``run_dir/open_clip_models/NAME.json``: the bare config ``open_clip.add_model_config`` takes."""
+    dest = Path(run_dir) / MODEL_CONFIGS_DIR / f"{name}.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    write_json(dest, plain_model_config(config_file))
+    return dest
 
 
 # --------------------------------------------------------------------------- data
@@ -562,10 +656,17 @@ def train(spec: TrainSpec, echo=None) -> TrainResult:
     total = cfg["train_num_samples"] if spec.train_num_samples is None else spec.train_num_samples
     samples_available = (None if any(s.num_samples is None for s in sources)
                          else sum(s.num_samples for s in sources))
+    model_name = record_model_name(cfg["model"])
+    model_cfg = model_config_file(cfg["model"])
+    model_config = None
+    if model_cfg is not None and not model_name.startswith("local-dir:"):
+        model_config = str(write_model_config(spec.run_dir, model_name, model_cfg).resolve())
     record = {
         "scale": spec.scale,
         "checkpoint": str(ckpt.resolve()),
-        "model": resolve_model(cfg["model"]),
+        "model": model_name,  # an open_clip name; for a config dir, see "model_config"
+        "model_config": model_config,  # open_clip.add_model_config(this) makes "model" loadable
+        "trained_model_arg": resolve_model(cfg["model"]),
         "scale_config": cfg,
         "data_dir": spec.data,
         "data_weights": spec.data_weights,

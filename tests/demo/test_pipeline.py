@@ -122,8 +122,10 @@ def test_demo_table_margin_versus_seed_spread():
 def test_pool_is_one_epoch_of_samples_seen_by_default(tmp_path):
     from curate.demo.pipeline import DemoConfig, pool_renders
 
-    # DataComp trains on as many samples as the pool holds: 25,600 over 522 emoji -> 49 each
-    assert pool_renders(DemoConfig(out=tmp_path), 522) == 49
+    # DataComp trains on as many samples as the pool holds: 12,800 (the default) over 522 emoji
+    # is 24.52 -> 25 each; 25,600 -> 49.04 -> 49
+    assert pool_renders(DemoConfig(out=tmp_path), 522) == 25
+    assert pool_renders(DemoConfig(out=tmp_path, samples_seen=25_600), 522) == 49
     assert pool_renders(DemoConfig(out=tmp_path, samples_seen=1024), 40) == 26
     assert pool_renders(DemoConfig(out=tmp_path, renders_per_emoji=8), 522) == 8
     assert pool_renders(DemoConfig(out=tmp_path, samples_seen=10), 522) == 1

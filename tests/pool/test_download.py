@@ -581,3 +581,138 @@ def test_hub_offline_fails_at_once_with_instructions(tmp_path, monkeypatch):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / ".curate_metadata_complete").write_text(json.dumps({"npz": False}))
     assert fetch_metadata("xlarge", tmp_path / "m", tmp_path / "hf") is False
+
+
+def test_byod_download_with_catalog_then_score(tmp_path, server):
+    """Issue 17: `curate download --metadata-dir M --data-dir D --skip-bbox-blurring --catalog C` with
+    BYOD metadata of the documented minimal form (uid, url, text, sha256 + a column of the user's
+    own) prints the status table, then builds C over what was downloaded: one pool row per
+    metadata row, original_width/height of the images served (their sizes are chosen here), NULL
+    CLIP scores. `curate byod score --catalog C` then replaces C with the scored pool; the bundled
+    filters run on it before and after scoring.
+    """
+    kinds = ["ok", "ok", "missing", "ok", "corrupt", "tampered", "ok", "ok"]
+    rows = make_rows(server, kinds, 0)
+    sizes = {}  # served image size per uid: big enough for basic_filter (>= 200 px) or not
+    for i, (kind, r) in enumerate(zip(kinds, rows)):
+        if kind == "ok":
+            size = (240 + 10 * i, 210 + 5 * i) if i % 2 == 0 else (64 + i, 48)
+            body = jpeg(i, size)
+            server.routes[f"/ok/{i}.jpg"] = (200, body, 0.0)
+            r["sha256"] = hashlib.sha256(body).hexdigest()
+            sizes[r["uid"]] = size
+        r["text"] = f"a photo of a red bicycle parked next to house number {i}"
+    meta = tmp_path / "meta"
+    write_meta(meta / "a.parquet", rows, ["uid", "url", "text", "sha256"])
+    t = pq.read_table(meta / "a.parquet")
+    pq.write_table(t.append_column("source_id", pa.array([f"src-{i}" for i in range(len(rows))])),
+                   meta / "a.parquet")
+    data, cat = tmp_path / "data", tmp_path / "D.duckdb"
+    r = CliRunner().invoke(main, ["download", "--metadata-dir", str(meta), "--data-dir", str(data),
+                                  "--skip-bbox-blurring", "--catalog", str(cat), "--processes", "1",
+                                  "--threads", "4", "--image-size", "32", "--retries", "0", "--timeout", "5"])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    # 8 rows: 5 served, one 404, one undecodable, one served with other bytes than its sha256
+    table = ["success                      5   62.50%", "failed_to_download           1   12.50%",
+             "failed_to_resize             1   12.50%", "hash_mismatch                1   12.50%",
+             "attempted                    8"]
+    for line in table:
+        assert line in lines, r.output
+    assert lines.index(table[0]) < next(i for i, x in enumerate(lines) if "catalog" in x)  # table first
+    assert f"wrote {data / 'pool_metadata'}: your metadata in the pool's format (8 rows" in r.output
+    assert f"wrote catalog {cat}: view download_status" in r.output
+
+    con = connect(cat)
+    got = con.execute("SELECT uid, original_width, original_height, clip_b32_similarity_score, "
+                      "clip_l14_similarity_score, face_bboxes, sha256, source_id, text FROM pool ORDER BY file, row"
+                      ).fetchall()
+    status = dict(con.execute("SELECT uid, status FROM download_status").fetchall())
+    con.close()
+    assert [g[0] for g in got] == [r["uid"] for r in rows]  # one row per metadata row, in order
+    for g, row in zip(got, rows):
+        w, h = sizes.get(row["uid"], (None, None))
+        assert (g[1], g[2]) == (w, h), g  # the served image's size; NULL where nothing was downloaded
+        assert g[3] is None and g[4] is None  # no CLIP scores before `byod score`
+        assert g[5] == [] and g[6] == row["sha256"] and g[8] == row["text"]
+    assert [g[7] for g in got] == [f"src-{i}" for i in range(8)]
+    assert status == {r["uid"]: EXPECTED[r["kind"]] for r in rows}
+
+    # bundled filters before scoring. The downloaded rows are 0, 1, 3, 6 and 7; the even ones (0, 6)
+    # have images >= 200 px on both sides, so basic_filter (English, > 2 words, > 5 characters,
+    # shorter side >= 200, aspect <= 3) keeps exactly those two; no score exists yet
+    big = sorted(rows[i]["uid"] for i in (0, 6))
+    downloaded = sorted(rows[i]["uid"] for i in (0, 1, 3, 6, 7))
+
+    def run(flt, *extra):
+        out = tmp_path / f"{flt}-{len(list(tmp_path.glob('*.npy')))}.npy"
+        res = CliRunner().invoke(main, ["run", flt, "-c", str(cat), "-o", str(out), *extra])
+        assert res.exit_code == 0, res.output
+        assert f"on catalog {cat}\n" in res.output
+        return sorted(f"{int(x['f0']):016x}{int(x['f1']):016x}" for x in np.load(out))
+
+    assert run("basic_filter") == big
+    assert run("no_filter") == sorted(r["uid"] for r in rows)
+    assert run("clip_score_l14_threshold", "--set", "threshold=-1") == []
+
+    # score with a tiny random-init open_clip model: the same catalog file gets the scores
+    pytest.importorskip("torch")
+    open_clip = pytest.importorskip("open_clip")
+    import torch
+
+    from tests.pool.test_byod import TINY
+
+    cfg = tmp_path / "tiny-clip.json"
+    cfg.write_text(json.dumps(TINY))
+    open_clip.add_model_config(cfg)
+    torch.save(open_clip.create_model("tiny-clip").state_dict(), tmp_path / "tiny.pt")
+    r = CliRunner().invoke(main, ["byod", "score", "--data-dir", str(data), "--model-config", str(cfg),
+                                  "--checkpoint", str(tmp_path / "tiny.pt"), "--catalog", str(cat)])
+    assert r.exit_code == 0, r.output
+    assert "scored 1 shards (0 already done): 8 rows, 5 images" in r.output
+    assert f"wrote catalog {cat} over {data / 'metadata_scored'} with view download_status (replacing" in r.output
+    con = connect(cat)
+    scored = con.execute("SELECT uid, clip_l14_similarity_score, clip_b32_similarity_score, original_width, "
+                         "original_height, source_id FROM pool ORDER BY file, row").fetchall()
+    assert con.execute("SELECT count(*) FROM download_status").fetchone()[0] == 8
+    con.close()
+    assert [s[0] for s in scored] == [r["uid"] for r in rows]
+    assert sorted(s[0] for s in scored if s[1] is not None) == downloaded  # scores where an image is
+    assert all(-1.0 <= s[1] <= 1.0 for s in scored if s[1] is not None)  # cosines
+    assert all(s[2] is None for s in scored)
+    assert {s[0]: (s[3], s[4]) for s in scored if s[0] in sizes} == sizes
+    assert [s[5] for s in scored] == [f"src-{i}" for i in range(8)]
+    assert run("basic_filter") == big
+    assert run("clip_score_l14_threshold", "--set", "threshold=-1") == downloaded  # every cosine >= -1
+
+    # the status again with the same catalog: its (scored) pool is kept, only the view is replaced
+    r = CliRunner().invoke(main, ["download-status", "--data-dir", str(data), "--catalog", str(cat)])
+    assert r.exit_code == 0, r.output
+    assert f"updated catalog {cat}: view download_status (replaced)" in r.output and "pool_metadata" not in r.output
+    assert run("clip_score_l14_threshold", "--set", "threshold=-1") == downloaded
+
+
+def test_commonpool_metadata_lacking_columns_keeps_its_error(tmp_path):
+    """Metadata fetched from the hub (`--scale`) is a CommonPool: a file without its columns is an
+    error for the catalog, not something to fill in. Shards and status files are written by hand
+    here (img2dataset's layout) so that no network is involved."""
+    from curate.pool.download import HUB_COMPLETE, download_catalog, update_status
+
+    rows = [{"uid": uid_of(i), "url": f"http://127.0.0.1:9/{i}.jpg", "text": "x", "face_bboxes": [],
+             "sha256": "0" * 64} for i in range(3)]
+    data = tmp_path / "data"
+    write_meta(data / "metadata" / "a.parquet", rows)
+    (data / "metadata" / HUB_COMPLETE).write_text("{}")
+    shards = data / "shards"
+    shards.mkdir(parents=True)
+    pq.write_table(pa.table({"uid": [r["uid"] for r in rows], "key": [f"{i:012d}" for i in range(3)],
+                             "status": ["failed_to_download"] * 3, "error_message": ["x"] * 3,
+                             "sha256": pa.nulls(3, pa.string())}), shards / "00000000.parquet")
+    (shards / "00000000_stats.json").write_text("{}")
+    md = check_metadata(data / "metadata")
+    status = update_status(data, md, progress=False)
+    from curate.errors import CurateError
+
+    with pytest.raises(CurateError, match=r"a.parquet: missing column 'original_width' \(a CommonPool parquet has"):
+        download_catalog(tmp_path / "c.duckdb", data, md, status, progress=False)
+    assert not (tmp_path / "c.duckdb").exists() and not (data / "pool_metadata").exists()

@@ -323,3 +323,29 @@ def test_existing_catalog_is_refused_before_building(yfcc_dir, tmp_path):
                  yfcc_dir / "images", "--out", tmp_path / "pool", "--catalog", cat)
     assert res.exit_code == 1 and "already exists (use --overwrite" in res.output
     assert not (tmp_path / "pool").exists()
+
+
+def test_tic_plan_on_a_timestamped_pool_with_first_year(tmp_path):
+    """docs/timestamped-pools.md: `curate tic plan --first-year 2004 --steps 2008,2010,2012,2014`
+    on a pool with a time column grouped as TiC-YFCC15M (three samples in every year 2004-2014),
+    after `curate tic export`. Expected sizes by hand: each group holds 3 x its years samples,
+    one of them (ceil(1% of n)) is the group's test sample, removed from the yearly training data."""
+    cat, uids = time_catalog(tmp_path, {y: 3 for y in range(2004, 2015)})
+    create_time_views(cat, time_col="time_utc", groups=YFCC15M_GROUPS)
+    res = invoke("tic", "export", cat, "--out", tmp_path / "tic")
+    assert res.exit_code == 0, res.output
+    yearly = json.loads((tmp_path / "tic" / "yearly" / "sizes.json").read_text())
+    assert sum(yearly.values()) == 33 - 4  # one test sample per group
+    res = invoke("tic", "plan", "--strategy", "cumulative-all", "--first-year", "2004", "--steps",
+                 "2008,2010,2012,2014", "--budget", "8", "--sizes", tmp_path / "tic", "--out", tmp_path / "plan.json")
+    assert res.exit_code == 0, res.output
+    assert f"wrote {tmp_path / 'plan.json'} (cumulative-all, 4 steps)" in res.output
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert [s["name"] for s in plan["steps"]] == ["2008", "2010", "2012", "2014"]
+    # cumulative-all: a step trains on every year up to its own; the first covers 2004-2008
+    assert [sorted({y for d in s["data"] for y in d["years"]}) for s in plan["steps"]] == [
+        list(range(2004, 2009)), list(range(2004, 2011)), list(range(2004, 2013)), list(range(2004, 2015))]
+    # without --first-year the plan keeps TiC-DataComp's range (2014-) and says so
+    res = invoke("tic", "plan", "--strategy", "cumulative-all", "--steps", "2008,2010", "--sizes", tmp_path / "tic",
+                 "--out", tmp_path / "p2.json")
+    assert res.exit_code == 1 and res.output.startswith("error: ") and not (tmp_path / "p2.json").exists()

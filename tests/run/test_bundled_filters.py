@@ -40,7 +40,7 @@ def test_listing_covers_every_file_with_its_parameters():
     # by hand
     assert listed["clip_score_l14_30pct"].params == {"fraction": 0.3}
     assert listed["clip_score_b32_threshold"].params == {"threshold": 0.25}
-    assert listed["tic/replay"].params == {"first_year": 2014, "last_year": 2016, "fraction": 0.5, "seed": 0}
+    assert listed["tic/replay"].params == {"first_year": 2014, "last_year": 2016, "samples": 100, "seed": 0}
     assert listed["image_based"].params == {"clusters": "xlarge"}
     assert listed["no_filter"].params == {}
     assert listed["no_filter"].summary == "DataComp baseline `no_filter`: every sample of the pool."

@@ -40,6 +40,7 @@ def pool(tmp_path_factory):
     cat = init_catalog(root / "cat.duckdb", pool=root / "pool")
     try:
         import curate.features.clusters as C
+        from curate.features.targets import import_target_set
         from curate.features.text import build_text_features
 
         rng = np.random.default_rng(0)
@@ -47,13 +48,20 @@ def pool(tmp_path_factory):
         np.save(root / "centroids.npy", cents)
         np.save(root / "targets.npy", cents[[1, 3, 5, 7, 9]] * 2)
         C.import_cluster_set(cat, "xlarge", root / "centroids.npy", [root / "targets.npy"])
+        import_target_set(cat, "in1k", [root / "targets.npy"])  # NormSim's target set
         build_text_features(cat, engine=Engine(workers=1), progress=False)
     except ImportError as e:  # the text/embed extras are missing: filters needing them fail below
         print(f"feature producers unavailable: {e}")
     return cat
 
 
-@pytest.mark.parametrize("flt", FILTERS, ids=[f.stem for f in FILTERS])
+#: filters whose second step ranks within the first step's rows: local engine only (they say so,
+#: tests/run/test_negcliploss_normsim_filters.py)
+WHOLE_POOL = {"negcliploss_normsim"}
+PER_FILE = [f for f in FILTERS if f.stem not in WHOLE_POOL]
+
+
+@pytest.mark.parametrize("flt", PER_FILE, ids=[f.stem for f in PER_FILE])
 def test_every_baseline_filter_is_byte_identical(ray_session, pool, tmp_path, flt):
     from curate.run.ray import run_filter_ray
 
@@ -112,6 +120,12 @@ def test_global_queries_are_refused_with_a_reason(ray_session, pool, tmp_path):
     flt.write_text("SET VARIABLE t = fraction_threshold(clip_b32_similarity_score, 0.5);\n"
                    "SELECT uid FROM pool WHERE datacomp_ge(clip_b32_similarity_score, getvariable('t'))\n")
     with pytest.raises(CurateError, match="only in the query"):
+        run_filter_ray(flt, catalog=pool, out=tmp_path / "x.npy")
+    # a threshold inside another threshold's score would be computed per pool file
+    flt.write_text("SELECT uid FROM pool WHERE datacomp_ge(clip_l14_similarity_score, fraction_threshold(\n"
+                   "  CASE WHEN datacomp_ge(clip_b32_similarity_score, fraction_threshold(clip_b32_similarity_score, 0.5))\n"
+                   "       THEN clip_l14_similarity_score END, 0.2))\n")
+    with pytest.raises(CurateError, match="nested inside another fraction_threshold"):
         run_filter_ray(flt, catalog=pool, out=tmp_path / "x.npy")
     assert not (tmp_path / "x.npy").exists()
 
@@ -313,6 +327,11 @@ def test_every_tic_filter_is_byte_identical(ray_session, tic_pool, flt, monkeypa
     monkeypatch.chdir(tic_pool.parent)  # the variants read subsets/*.npy relative to here
     sets = {"year": 2016} if "year" in flt.stem else {}
     local = run_filter(flt, catalog=tic_pool, out=f"out/{flt.stem}_local.npy", sets=sets)
+    if flt.stem == "replay":  # exactly `samples` rows: a global ORDER BY ... LIMIT (docs/tic.md)
+        with pytest.raises(CurateError, match="LIMIT needs the whole pool; use --engine local"):
+            run_filter_ray(flt, catalog=tic_pool, out=f"out/{flt.stem}_ray.npy", sets=sets)
+        assert local.count == 100
+        return
     run_filter_ray(flt, catalog=tic_pool, out=f"out/{flt.stem}_ray.npy", sets=sets)
     assert filecmp.cmp(f"out/{flt.stem}_local.npy", f"out/{flt.stem}_ray.npy", shallow=False)
     assert local.count > 0, "the split should not be empty on the generated artifacts"

@@ -26,8 +26,11 @@ from curate.cli.main import main  # noqa: E402
 from tests.conftest import loopback_s3  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-#: the bundled filters that need no cluster set (image_based* read `curate clusters` output)
-FILTERS = sorted(f.stem for f in (REPO / "filters").glob("*.sql") if not f.stem.startswith("image_based"))
+#: the bundled filters that read no embeddings: image_based* read `curate clusters` output and the
+#: negCLIPLoss/NormSim ones the pool's npz files, which these producers take from local disk only
+#: (docs/distributed.md)
+FILTERS = sorted(f.stem for f in (REPO / "filters").glob("*.sql")
+                 if not f.stem.startswith(("image_based", "negcliploss", "normsim")))
 #: the Ray engine is slower to start per run: two filters, one with a feature table and one
 #: with a global threshold
 RAY_FILTERS = ["basic_filter", "clip_score_l14_30pct"]

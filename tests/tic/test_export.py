@@ -5,6 +5,7 @@ file itself; monthly: the monthly file minus the eval uids of both maps; eval: s
 uids of each year's map), never from the exporter.
 """
 
+import hashlib
 import json
 import shutil
 
@@ -163,18 +164,25 @@ def test_split_filters_equal_the_export(attached, tmp_path, chdir_tmp):
     assert (tmp_path / "ybp.npy").read_bytes() == (tmp_path / "yb.npy").read_bytes()
 
 
-def test_replay_buffers_are_nested_and_close_to_the_fraction(attached, tmp_path):
+def test_replay_buffers_are_exact_nested_and_the_lowest_md5(attached, tmp_path):
+    # The rule, worked independently with hashlib: of the eligible uids (cumulative.sql: the
+    # years' training data), the n whose md5(seed || uid) hex digest sorts first.
     cat, _ = attached
     run_filter(TIC / "cumulative.sql", catalog=cat, out=tmp_path / "all.npy", sets={"last_year": 2022})
-    sizes = {}
-    for f in (1.0, 0.5, 0.25):
-        run_filter(TIC / "replay.sql", catalog=cat, out=tmp_path / f"r{f}.npy",
-                   sets={"first_year": 2014, "last_year": 2022, "fraction": f})
-        sizes[f] = np.load(tmp_path / f"r{f}.npy")
-    assert (sizes[1.0] == np.load(tmp_path / "all.npy")).all()
-    assert np.isin(sizes[0.25], sizes[0.5]).all() and np.isin(sizes[0.5], sizes[1.0]).all()
-    n = len(sizes[1.0])
-    assert abs(len(sizes[0.5]) - n / 2) < 4 * np.sqrt(n / 4)  # binomial noise
+    eligible = [f"{int(a):016x}{int(b):016x}" for a, b in np.load(tmp_path / "all.npy")]
+    total = len(eligible)
+    got = {}
+    for n in (total + 5, total, 29, 14, 0):
+        for seed in (0, 7):
+            run_filter(TIC / "replay.sql", catalog=cat, out=tmp_path / f"r{n}_{seed}.npy",
+                       sets={"first_year": 2014, "last_year": 2022, "samples": n, "seed": seed})
+            got[n, seed] = {f"{int(a):016x}{int(b):016x}" for a, b in np.load(tmp_path / f"r{n}_{seed}.npy")}
+            by_hash = sorted(eligible, key=lambda u: (hashlib.md5(f"{seed}{u}".encode()).hexdigest(), u))
+            assert got[n, seed] == set(by_hash[:n]), (n, seed)
+            assert len(got[n, seed]) == min(n, total)  # exact (capped at what exists)
+    assert got[total + 5, 0] == set(eligible)
+    assert got[14, 0] <= got[29, 0] <= got[total, 0]  # nested: halving keeps a subset
+    assert got[29, 0] != got[29, 7]  # the seed picks another sample
 
 
 def test_export_needs_attach(make_catalog, tmp_path):

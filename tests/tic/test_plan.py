@@ -91,8 +91,8 @@ def test_cumulative_exp():
     r = s[3]["data"][0]
     assert r["fraction"] == 150 / 400 and r["available"] == 400 and r["capped"] is False
     assert r["make"] == {"filter": "filters/tic/replay.sql",
-                         "set": {"first_year": 2014, "last_year": 2016, "fraction": 0.375, "seed": 0}}
-    assert s[3]["data"][2]["make"]["set"]["fraction"] == 0.75  # 300 of 2018's 400
+                         "set": {"first_year": 2014, "last_year": 2016, "samples": 150, "seed": 0}}
+    assert s[3]["data"][2]["make"]["set"]["samples"] == 300 and s[3]["data"][2]["fraction"] == 0.75  # of 2018's 400
     assert [x["init"] for x in s] == ["scratch", "warm", "warm", "warm"]
 
 

@@ -74,7 +74,8 @@ def test_replay_subsets_follow_the_plan(prepared):
     step1 = set().union(*(hexes(root / "tic" / "yearly" / f"{y}.npy") for y in (2014, 2015, 2016)))
     assert s2017 <= step1
     planned = plan["steps"][1]["data"][0]["samples"]
-    assert abs(len(s2017) - planned) < 4 * np.sqrt(planned)  # md5-threshold sampling noise
+    assert len(s2017) == planned  # exact: the planned number of lowest-md5 uids
+    assert len(s2018) == plan["steps"][2]["data"][0]["samples"]
 
 
 def test_rerun_keeps_subsets(prepared):
@@ -89,7 +90,7 @@ def test_changed_plan_remakes_subsets_and_guards_data_dirs(prepared, tmp_path):
     write_plan(other, root / "plan_b.json")
     with pytest.raises(CurateError, match="holds the output of a different reshard job"):
         prepare_plan(root / "plan_b.json", cat, SHARDS, root=root, engine=ONE_WORKER, only=["2017"])
-    assert len(hexes(root / "tic" / "replay/cumulative-exp/2017/2016.npy")) < 100  # remade: 50 of 581
+    assert len(hexes(root / "tic" / "replay/cumulative-exp/2017/2016.npy")) == 50  # remade: exactly 50 of 581
     r = prepare_plan(root / "plan_b.json", cat, SHARDS, root=root, engine=ONE_WORKER, only=["2017"], overwrite=True)
     d = str(root / "tic/replay/cumulative-exp/2017/2016")
     assert r.dirs[d] == len(hexes(root / "tic" / "replay/cumulative-exp/2017/2016.npy") & downloaded_uids())
