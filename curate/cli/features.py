@@ -3,8 +3,10 @@
 ``features text`` (:func:`curate.features.text.build_text_features`), ``features cld3``
 (:func:`curate.features.cld3.build_text_lang_cld3`), ``features clusters``
 (:func:`curate.features.clusters.assign_pool`), ``features negcliploss``
-(:func:`curate.features.negcliploss.build_negcliploss`) and ``features normsim``
-(:func:`curate.features.normsim.build_normsim`): thin calls of the producers, with the catalog
+(:func:`curate.features.negcliploss.build_negcliploss`), ``features normsim``
+(:func:`curate.features.normsim.build_normsim`), ``features semdedup``
+(:func:`curate.features.semdedup.build_semdedup`) and ``features dbp``
+(:func:`curate.features.dbp.build_dbp`): thin calls of the producers, with the catalog
 from :func:`~curate.cli.options.catalog_option` and where the tasks run from
 :func:`~curate.cli.options.engine_options`. ``curate run`` builds the same tables on first use.
 Every summary names the catalog it used (:func:`~curate.cli.options.catalog_used`).
@@ -19,10 +21,13 @@ import click
 from curate.cli.options import catalog_option, catalog_used, engine_options, progress
 from curate.features.cld3 import VIEW as CLD3_VIEW
 from curate.features.cld3 import build_text_lang_cld3
+from curate.features.dbp import DEFAULTS as DBP_DEFAULTS
+from curate.features.dbp import build_dbp
 from curate.features.clusters import assign_pool
 from curate.features.negcliploss import DEFAULTS as NEGCLIPLOSS_DEFAULTS
 from curate.features.negcliploss import build_negcliploss
 from curate.features.normsim import build_normsim
+from curate.features.semdedup import build_semdedup
 from curate.features.text import build_text_features
 
 WORKERS_HELP = ("Worker processes, one pool file each (default: number of cores; in-process "
@@ -168,3 +173,57 @@ def normsim_cmd(catalog, target_set, force, engine):
     click.echo(f"normsim[{res.target_set}]: computed {len(res.computed)} file(s) ({res.rows_computed:,} rows against "
                f"{res.target_rows:,} targets), {res.files - len(res.computed)} already current; in {res.out_dir}")
     click.echo(f"view normsim registered in {catalog_used(catalog)}, {res.elapsed:.1f}s")
+
+
+@features.command("semdedup")
+@catalog_option(positional=True)
+@click.option("--clusters", "name", required=True, help="Cluster set name (`curate clusters import/build`).")
+@click.option("--force", is_flag=True, help="Recompute every file, even those already current.")
+@engine_options("one task per run of clusters, then one per pool file", workers=True)
+def semdedup_cmd(catalog, name, force, engine):
+    """Compute the `semdedup` table: SemDeDup's order and duplicate similarity within each cluster.
+
+    Per cluster, members ordered farthest from the centroid first; max_sim = the largest cosine
+    similarity with an earlier member (filters/semdedup.sql drops it when > 1 - eps). Resumable;
+    same bytes on every engine (docs/semdedup-dbp.md).
+
+    \b
+    Example:
+      curate features semdedup catalog.duckdb --clusters xlarge
+    """
+    res = build_semdedup(catalog, name, progress=progress(), force=force, engine=engine)
+    click.echo(f"semdedup[{res.clusters}]: computed {len(res.computed)} file(s) ({res.rows_computed:,} rows, "
+               f"{res.steps} step(s)), {res.files - len(res.computed)} already current; in {res.out_dir}")
+    click.echo(f"view semdedup registered in {catalog_used(catalog)}, {res.elapsed:.1f}s")
+
+
+@features.command("dbp")
+@catalog_option(positional=True)
+@click.option("--clusters", "name", required=True, help="Cluster set name (`curate clusters import/build`).")
+@click.option("--eps", type=float, default=DBP_DEFAULTS["eps"], show_default=True, help="SemDeDup's threshold.")
+@click.option("--fraction", type=float, default=DBP_DEFAULTS["fraction"], show_default=True,
+              help="Budget: int(N * fraction) of all N pool rows.")
+@click.option("--temperature", type=float, default=DBP_DEFAULTS["temperature"], show_default=True,
+              help="Softmax temperature over d_inter * d_intra.")
+@click.option("--neighbors", type=int, default=DBP_DEFAULTS["neighbors"], show_default=True,
+              help="Nearest other centroids averaged in d_inter.")
+@click.option("--balance", type=float, default=DBP_DEFAULTS["balance"], show_default=True,
+              help="Each cluster keeps at least int(budget / K * balance) (the paper code's cls_bal_ratio).")
+@click.option("--force", is_flag=True, help="Recompute every file, even those already current.")
+@engine_options("one task per pool file", workers=True)
+def dbp_cmd(catalog, name, eps, fraction, temperature, neighbors, balance, force, engine):
+    """Compute the `dbp` table: density-based pruning's keep flag per sample (after SemDeDup).
+
+    Quotas per cluster from softmax(d_inter * d_intra / temperature) (Abbas et al. 2024), the
+    samples farthest from the centroid kept. Writes dbp/NAME/_quotas.parquet too
+    (docs/semdedup-dbp.md).
+
+    \b
+    Example:
+      curate features dbp catalog.duckdb --clusters xlarge --fraction 0.5 --temperature 0.5
+    """
+    res = build_dbp(catalog, name, progress=progress(), force=force, engine=engine, eps=eps, fraction=fraction,
+                    temperature=temperature, neighbors=neighbors, balance=balance)
+    click.echo(f"dbp[{res.clusters}]: budget {res.budget:,} rows, quotas sum {res.kept:,}; computed "
+               f"{len(res.computed)} file(s) ({res.rows_computed:,} rows) in {res.out_dir}")
+    click.echo(f"view dbp registered in {catalog_used(catalog)}, {res.elapsed:.1f}s")

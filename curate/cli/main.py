@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "clusters": "curate.cli.clusters:clusters_group",
     "embeddings": "curate.cli.clusters:embeddings_group",
     "targets": "curate.cli.targets:targets_group",
+    "decontam": "curate.cli.decontam:decontam_group",
     "reshard": "curate.cli.shards:reshard_cmd",
     "shards": "curate.cli.shards:shards_group",
     "train": "curate.cli.train:train_cmd",

@@ -31,8 +31,11 @@ from curate.sqltokens import tokenize
 #: view name -> "module:attribute" of the producer object
 PRODUCERS: dict[str, str] = {
     "cluster_assignments": "curate.features.clusters:ASSIGNMENTS",
+    "dbp": "curate.features.dbp:PRODUCER",
+    "eval_neighbors": "curate.features.decontam:PRODUCER",
     "negcliploss": "curate.features.negcliploss:PRODUCER",
     "normsim": "curate.features.normsim:PRODUCER",
+    "semdedup": "curate.features.semdedup:PRODUCER",
     "text_features": "curate.features.text:PRODUCER",
     "text_lang_cld3": "curate.features.cld3:PRODUCER",
 }

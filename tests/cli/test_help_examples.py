@@ -181,7 +181,8 @@ def test_tic_examples_run(tmp_path, monkeypatch):
 # made with `curate run filters/no_filter.sql` (the subset the `subset` examples read).
 # Examples not run, with why, are in NOT_RUN; every example is in one of the two lists.
 OTHER_ORDER = ["catalog info", "filters", "lint", "run", "subset info", "subset to-parquet", "shell",
-               "shards index", "reshard", "shards verify", "targets list", "clusters list"]
+               "shards index", "reshard", "shards verify", "targets list", "clusters list",
+               "decontam list"]
 OTHER_SUBSTITUTIONS = [("small.duckdb", "pool.duckdb"), ("catalog.duckdb", "pool.duckdb"),
                        ("/data/l14_30pct", "l14_30pct")]
 NOT_RUN = {
@@ -196,6 +197,9 @@ NOT_RUN_PATHS = {  # command -> why its examples are not run here
     "catalog init": "names the user's DataComp pool (tests/catalog run it on fixtures)",
     "clusters build": "needs embedding targets (in1k.npy)", "clusters import": "needs DataComp's centroid files",
     "clusters targets": "needs target embedding files",
+    "decontam": "needs eval sets and an open_clip checkpoint (tests/features/test_decontam.py run it)",
+    "decontam encode": "needs eval sets and an open_clip checkpoint", "decontam import": "needs eval embeddings",
+    "decontam build": "needs an eval set", "decontam report": "needs an eval set",
     "demo": "trains twelve models (minutes; tests/demo run its data path)",
     "download": "downloads from the internet", "download-status": "needs a download directory",
     "embeddings convert": "needs the pool's .npz embeddings in another layout",
@@ -206,6 +210,8 @@ NOT_RUN_PATHS = {  # command -> why its examples are not run here
     "explore": "starts a web server (tests/explore run it)",
     "features cld3": "minutes of language ID (tests/features)", "features clusters": "needs DataComp's centroids",
     "features negcliploss": "needs embeddings and targets", "features normsim": "needs target embeddings",
+    "features semdedup": "needs a cluster set (tests/features/test_semdedup.py run it)",
+    "features dbp": "needs a cluster set (tests/features/test_dbp.py run it)",
     "features text": "needs lid.176.bin in ~/models",
     "pool export-splits": "needs a TiC-YFCC15M catalog", "pool from-table": "needs the user's photos.csv",
     "pool recipe redcaps": "needs RedCaps files", "pool recipe yfcc15m": "needs the YFCC15M csv",

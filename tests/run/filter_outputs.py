@@ -44,7 +44,7 @@ IMAGE_BASED = {"image_based", "image_based_clip_score_l14_30pct"}
 #: not in the table recorded at db8c791: filters added since (issue 19; pinned against numpy in
 #: tests/run/test_negcliploss_normsim_filters.py) and tic/replay, whose semantics changed on
 #: purpose (issue 18: exact sample counts instead of a hash fraction; pinned in tests/tic)
-SINCE_RECORDING = {"negcliploss_30pct", "normsim_inf", "negcliploss_normsim", "replay"}
+SINCE_RECORDING = {"negcliploss_30pct", "normsim_inf", "negcliploss_normsim", "replay", "semdedup", "dbp", "decontaminate"}
 
 
 def _sha(path: Path) -> str:

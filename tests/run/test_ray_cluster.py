@@ -56,8 +56,9 @@ def pool(tmp_path_factory):
 
 
 #: filters whose second step ranks within the first step's rows: local engine only (they say so,
-#: tests/run/test_negcliploss_normsim_filters.py)
-WHOLE_POOL = {"negcliploss_normsim"}
+#: tests/run/test_negcliploss_normsim_filters.py); decontaminate, an anti-join on eval_neighbors
+#: (tests/features/test_decontam.py)
+WHOLE_POOL = {"negcliploss_normsim", "decontaminate"}
 PER_FILE = [f for f in FILTERS if f.stem not in WHOLE_POOL]
 
 

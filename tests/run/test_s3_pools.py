@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 #: negCLIPLoss/NormSim ones the pool's npz files, which these producers take from local disk only
 #: (docs/distributed.md)
 FILTERS = sorted(f.stem for f in (REPO / "filters").glob("*.sql")
-                 if not f.stem.startswith(("image_based", "negcliploss", "normsim")))
+                 if not f.stem.startswith(("image_based", "negcliploss", "normsim", "semdedup", "dbp", "decontaminate")))
 #: the Ray engine is slower to start per run: two filters, one with a feature table and one
 #: with a global threshold
 RAY_FILTERS = ["basic_filter", "clip_score_l14_30pct"]
