@@ -40,13 +40,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.atomic import atomic_path
-from curate.catalog.connection import connect, default_catalog, features_dir, register_parquet_view
+from curate.catalog.connection import connect, default_catalog, register_parquet_view
 from curate.engine import Engine, map_tasks
 from curate.errors import CurateError
 from curate.features.clusters import get_cluster_set
 from curate.features.semdedup import DEFAULT_EPS, build_semdedup, clusters_param, registered_paths
 from curate.features.semdedup import plan as semdedup_plan
-from curate.features.tables import write_file_table
+from curate.features.tables import feature_root, read_table_meta, write_file_table
 
 VIEW = "dbp"
 META_KEY = b"curate.dbp"
@@ -142,24 +142,9 @@ def qp_quotas(p: np.ndarray, n: np.ndarray, budget: int, balance: float) -> np.n
 
 # -- build ------------------------------------------------------------------------------------
 
-def _root(catalog) -> Path:
-    con = connect(catalog)
-    try:
-        return features_dir(con, catalog) / VIEW
-    finally:
-        con.close()
-
-
 def quotas_path(catalog, clusters: str) -> Path:
     """``dbp/NAME/_quotas.parquet``: the per-cluster figures of the last build."""
-    return _root(Path(catalog) if catalog else default_catalog()) / clusters / "_quotas.parquet"
-
-
-def _read_meta(path: Path) -> dict | None:
-    try:
-        return json.loads((pq.read_schema(path).metadata or {})[META_KEY])
-    except (OSError, KeyError, ValueError, pa.ArrowException):
-        return None
+    return feature_root(Path(catalog) if catalog else default_catalog(), VIEW) / clusters / "_quotas.parquet"
 
 
 @dataclass
@@ -255,13 +240,13 @@ def _read_meta_any(src) -> dict | None:
 
 
 def _current(out: Path, settings: dict, rows: int, src: Path) -> bool:
-    meta = _read_meta(out)
+    meta = read_table_meta(out, META_KEY)
     return bool(meta and meta.get("settings") == settings and meta.get("rows") == rows
                 and meta.get("source") == _read_meta_any(src) and out.stat().st_mtime >= src.stat().st_mtime)
 
 
 def register(catalog) -> None:
-    root = _root(catalog)
+    root = feature_root(catalog, VIEW)
     con = connect(catalog)
     try:
         names = [r[0] for r in con.execute("SELECT file FROM pool_files ORDER BY file_id").fetchall()]
@@ -282,7 +267,7 @@ def build_dbp(catalog=None, clusters: str = "", params: dict | None = None, prog
     settings = settings_from(params, **overrides)
     build_semdedup(catalog, clusters, progress=progress, engine=engine)
     sp = semdedup_plan(catalog, clusters)
-    out_dir = _root(catalog) / sp.name
+    out_dir = feature_root(catalog, VIEW) / sp.name
     res = BuildResult(sp.name, settings, files=len(sp.files), out_dir=out_dir)
     todo = [f for f in sp.files
             if force or not (out_dir / f"{f.file}.parquet").is_file()
@@ -324,9 +309,9 @@ class _Producer:
         sp = semdedup_plan(catalog, name)
         if sp.todo:
             return False
-        out_dir = _root(catalog) / sp.name
+        out_dir = feature_root(catalog, VIEW) / sp.name
         quotas = out_dir / "_quotas.parquet"
-        if not quotas.is_file() or _read_meta(quotas) != {"settings": settings}:
+        if not quotas.is_file() or read_table_meta(quotas, META_KEY) != {"settings": settings}:
             return False
         if not all((out_dir / f"{f.file}.parquet").is_file()
                    and _current(out_dir / f"{f.file}.parquet", settings, f.num_rows, sp.output(f.file))

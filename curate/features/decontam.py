@@ -36,7 +36,6 @@ are unit vectors; ``byod score`` writes unit vectors), so ``sim`` is their cosin
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import io
 import json
 import re
@@ -51,11 +50,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.atomic import atomic_path, file_sha256, replace_dir, write_json
-from curate.catalog.connection import connect, default_catalog, features_dir, register_parquet_view
+from curate.catalog.connection import connect, default_catalog, register_parquet_view
 from curate.engine import Engine, map_tasks
 from curate.errors import CurateError
 from curate.features.clusters import load_array_file
 from curate.features.embeddings import EmbeddingError, EmbeddingFile, check_key, iter_batches, pool_embedding_files
+from curate.features.tables import (NamedSet, check_set_name, feature_root, find_named_set, list_named_sets,
+                                    npz_identity, read_table_meta)
 
 VIEW = "eval_neighbors"
 META_KEY = b"curate.eval_neighbors"
@@ -66,7 +67,6 @@ ROWS = 8192
 EVAL_BLOCK = 16384
 IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")
 DEFAULT_THRESHOLD = 0.95
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 _OWNED = re.compile(r"embeddings\.npy|keys\.parquet|set\.json|\..+\.tmp")
 BYOD_MODEL_RECORD = ".byod_model.json"  # curate.pool.byod.MODEL_RECORD
 
@@ -82,56 +82,28 @@ class DecontamError(CurateError):
 
 # -- eval sets ------------------------------------------------------------------------------
 
-@dataclass
-class EvalSet:
-    name: str
-    dir: Path
-    meta: dict
-
-    @property
-    def embeddings_path(self) -> Path:
-        return self.dir / "embeddings.npy"
-
-    def embeddings(self, mmap: bool = True) -> np.ndarray:
-        return np.load(self.embeddings_path, mmap_mode="r" if mmap else None, allow_pickle=False)
+class EvalSet(NamedSet):
+    """Encoded eval images: ``FEATURES_DIR/eval_sets/NAME/`` with ``keys.parquet`` (task, eval_key)."""
 
     def keys(self) -> pa.Table:
         return pq.read_table(self.dir / "keys.parquet")
 
 
 def check_name(name) -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise DecontamError(f"eval set name {name!r}: use letters, digits, '_', '.', '-'")
-    return name
+    return check_set_name(name, "eval set", DecontamError)
 
 
 def eval_sets_root(catalog) -> Path:
-    con = connect(catalog)
-    try:
-        return features_dir(con, catalog) / "eval_sets"
-    finally:
-        con.close()
+    return feature_root(catalog, "eval_sets")
 
 
 def list_eval_sets(catalog=None) -> list[EvalSet]:
-    catalog = Path(catalog) if catalog else default_catalog()
-    root = eval_sets_root(catalog)
-    out = []
-    for meta in sorted(root.glob("*/set.json")) if root.is_dir() else []:
-        if _NAME_RE.match(meta.parent.name):
-            out.append(EvalSet(meta.parent.name, meta.parent, json.loads(meta.read_text())))
-    return out
+    return list_named_sets(catalog, "eval_sets", EvalSet)
 
 
 def get_eval_set(catalog, name) -> EvalSet:
-    check_name(name)
-    sets = list_eval_sets(catalog)
-    for s in sets:
-        if s.name == name:
-            return s
-    have = ", ".join(s.name for s in sets) or "none"
-    raise DecontamError(f"eval set '{name}' not found in {catalog} (have: {have}); make it with "
-                        f"`curate decontam encode` or `curate decontam import`")
+    return find_named_set(catalog, "eval_sets", name, EvalSet, "eval set", DecontamError,
+                          "make it with `curate decontam encode` or `curate decontam import`")
 
 
 def normalise_rows(x: np.ndarray, where: str) -> np.ndarray:
@@ -398,31 +370,6 @@ class NeighborSearch:
 
 # -- the producer --------------------------------------------------------------------------
 
-def _root(catalog) -> Path:
-    con = connect(catalog)
-    try:
-        return features_dir(con, catalog) / VIEW
-    finally:
-        con.close()
-
-
-def _read_meta(path: Path) -> dict | None:
-    try:
-        return json.loads((pq.read_schema(path).metadata or {})[META_KEY])
-    except (OSError, KeyError, ValueError, pa.ArrowException):
-        return None
-
-
-def _source_identity(ef: EmbeddingFile, key: str) -> dict:
-    if ef.npz is None or not ef.npz.is_file():
-        raise DecontamError(f"pool file {ef.file}: no .npz beside the parquet (key '{key}' needed for eval_neighbors)")
-    size = ef.npz.stat().st_size
-    with open(ef.npz, "rb") as fh:
-        fh.seek(max(0, size - 4096))  # the zip central directory: every member's CRC-32
-        tail = fh.read()
-    return {"npz_bytes": size, "npz_tail_sha256": hashlib.sha256(tail).hexdigest()}
-
-
 def _check_byod_model(files: list[EmbeddingFile], es: EvalSet) -> None:
     """A pool scored by ``byod score`` with another checkpoint than the eval set's is refused."""
     want = es.meta.get("source", {}).get("checkpoint_sha256")
@@ -476,11 +423,12 @@ def plan(catalog, eval_set: str, threshold: float, force: bool = False) -> Plan:
     settings = {"schema": SCHEMA_VERSION, "key": es.meta["key"], "eval_set": es.name, "eval_sha256": es.meta["sha256"],
                 "keys_sha256": es.meta["keys_sha256"], "eval_rows": es.meta["rows"], "threshold": threshold}
     files = pool_embedding_files(catalog, es.meta["key"])
-    sources = {ef.file: _source_identity(ef, es.meta["key"]) for ef in files}
-    p = Plan(es.name, settings, _root(catalog) / es.name, files, sources)
+    needed = f"key '{es.meta['key']}' needed for eval_neighbors"
+    sources = {ef.file: npz_identity(ef, needed, DecontamError) for ef in files}
+    p = Plan(es.name, settings, feature_root(catalog, VIEW) / es.name, files, sources)
     same = ("schema", "key", "eval_set", "eval_sha256", "keys_sha256", "eval_rows")
     for ef in files:
-        meta = None if force else _read_meta(p.output(ef))
+        meta = None if force else read_table_meta(p.output(ef), META_KEY)
         got = (meta or {}).get("settings") or {}
         ok = (meta is not None and all(got.get(k) == settings[k] for k in same)
               and isinstance(got.get("threshold"), float) and got["threshold"] <= threshold
@@ -536,7 +484,7 @@ def _file_task(catalog: str, eval_set: str, ef: EmbeddingFile, out: str, setting
 
 
 def _register(catalog: Path) -> None:
-    root = _root(catalog)
+    root = feature_root(catalog, VIEW)
     con = connect(catalog)
     try:
         names = [r[0] for r in con.execute("SELECT file FROM pool_files ORDER BY file_id").fetchall()]

@@ -47,15 +47,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from curate.atomic import atomic_path, write_json
 from curate.catalog.connection import connect, default_catalog, features_dir, register_parquet_view
 from curate.engine import Engine, map_tasks
 from curate.errors import CurateError
-from curate.features.embeddings import (EmbeddingError, EmbeddingFile, convert_embeddings, open_npy,
-                                        pool_embedding_files)
-from curate.features.tables import write_file_table
+from curate.features.embeddings import EmbeddingFile, convert_embeddings, open_npy, pool_embedding_files
+from curate.features.tables import npz_identity, read_table_meta, write_file_table
 
 VIEW = "negcliploss"
 META_KEY = b"curate.negcliploss"
@@ -265,18 +263,6 @@ def pool_files(catalog, arch: str) -> list[PoolFile]:
     return files
 
 
-def _source_identity(ef: EmbeddingFile) -> dict:
-    """Size and hash of the npz's last 4 KiB: its zip central directory, which holds every
-    member's CRC-32 (cheap enough to check on every `curate run`)."""
-    if ef.npz is None or not ef.npz.is_file():
-        raise EmbeddingError(f"pool file {ef.file}: no .npz beside the parquet (key needed for negcliploss)")
-    size = ef.npz.stat().st_size
-    with open(ef.npz, "rb") as fh:
-        fh.seek(max(0, size - 4096))
-        tail = fh.read()
-    return {"npz_bytes": size, "npz_tail_sha256": hashlib.sha256(tail).hexdigest()}
-
-
 def _out_dir(catalog, arch: str) -> Path:
     con = connect(catalog)
     try:
@@ -309,22 +295,15 @@ class Plan:
         return self.out_dir / f"_work-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
 
 
-def _read_meta(path: Path) -> dict | None:
-    try:
-        return json.loads((pq.read_schema(path).metadata or {})[META_KEY])
-    except (OSError, KeyError, ValueError, pa.ArrowException):
-        return None
-
-
 def plan(catalog, settings: dict, force: bool = False) -> Plan:
     catalog = Path(catalog) if catalog else default_catalog()
     files = pool_files(catalog, settings["arch"])
     if not files:
         raise NegCLIPLossError(f"{catalog}: the pool has no files")
-    sources = {f.file: _source_identity(f.img) for f in files}
+    sources = {f.file: npz_identity(f.img, "key needed for negcliploss") for f in files}
     p = Plan(catalog, settings, files, _out_dir(catalog, settings["arch"]), sources)
     for f in files:
-        meta = None if force else _read_meta(p.output(f))
+        meta = None if force else read_table_meta(p.output(f), META_KEY)
         ok = (meta is not None and meta.get("settings") == settings and meta.get("rows") == f.num_rows
               and meta.get("source") == sources[f.file] and meta.get("n") == p.n)
         if not ok:

@@ -18,8 +18,6 @@ resumes. The view ``normsim`` covers every target set built.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,13 +25,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from curate.catalog.connection import connect, default_catalog, features_dir, register_parquet_view
+from curate.catalog.connection import connect, default_catalog, register_parquet_view
 from curate.engine import Engine, map_tasks
 from curate.errors import CurateError
-from curate.features.embeddings import EmbeddingError, EmbeddingFile, iter_batches, pool_embedding_files
-from curate.features.tables import write_file_table
+from curate.features.embeddings import EmbeddingFile, iter_batches, pool_embedding_files
+from curate.features.tables import feature_root, npz_identity, read_table_meta, write_file_table
 from curate.features.targets import check_name, get_target_set, list_target_sets
 
 VIEW = "normsim"
@@ -96,31 +93,6 @@ def _gpu_normsim(x, targets):
         return best.cpu().numpy(), torch.sqrt(sq / len(targets)).cpu().numpy()
 
 
-def _source_identity(ef: EmbeddingFile) -> dict:
-    if ef.npz is None or not ef.npz.is_file():
-        raise EmbeddingError(f"pool file {ef.file}: no .npz beside the parquet (key '{KEY}' needed for normsim)")
-    size = ef.npz.stat().st_size
-    with open(ef.npz, "rb") as fh:
-        fh.seek(max(0, size - 4096))  # the zip central directory: every member's CRC-32
-        tail = fh.read()
-    return {"npz_bytes": size, "npz_tail_sha256": hashlib.sha256(tail).hexdigest()}
-
-
-def _root(catalog) -> Path:
-    con = connect(catalog)
-    try:
-        return features_dir(con, catalog) / VIEW
-    finally:
-        con.close()
-
-
-def _read_meta(path: Path) -> dict | None:
-    try:
-        return json.loads((pq.read_schema(path).metadata or {})[META_KEY])
-    except (OSError, KeyError, ValueError, pa.ArrowException):
-        return None
-
-
 @dataclass
 class Plan:
     target_set: str
@@ -140,10 +112,10 @@ def plan(catalog, target_set: str, force: bool = False) -> Plan:
     settings = {"schema": SCHEMA_VERSION, "key": KEY, "target_set": ts.name, "target_sha256": ts.meta["sha256"],
                 "target_rows": ts.meta["rows"]}
     files = pool_embedding_files(catalog, KEY)
-    sources = {ef.file: _source_identity(ef) for ef in files}
-    p = Plan(ts.name, settings, _root(catalog) / ts.name, files, sources)
+    sources = {ef.file: npz_identity(ef, f"key '{KEY}' needed for normsim") for ef in files}
+    p = Plan(ts.name, settings, feature_root(catalog, VIEW) / ts.name, files, sources)
     for ef in files:
-        meta = None if force else _read_meta(p.output(ef))
+        meta = None if force else read_table_meta(p.output(ef), META_KEY)
         ok = (meta is not None and meta.get("settings") == settings and meta.get("rows") == ef.num_rows
               and meta.get("source") == sources[ef.file])
         if not ok:
@@ -194,7 +166,7 @@ class BuildResult:
 
 
 def _register(catalog: Path) -> None:
-    root = _root(catalog)
+    root = feature_root(catalog, VIEW)
     con = connect(catalog)
     try:
         names = [r[0] for r in con.execute("SELECT file FROM pool_files ORDER BY file_id").fetchall()]

@@ -57,12 +57,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.atomic import atomic_path, write_json
-from curate.catalog.connection import connect, default_catalog, features_dir, register_parquet_view
+from curate.catalog.connection import connect, default_catalog, register_parquet_view
 from curate.engine import Engine, map_tasks
 from curate.errors import CurateError
 from curate.features.clusters import assign_pool, check_name, get_cluster_set
 from curate.features.embeddings import convert_embeddings, open_npy, pool_dim, pool_embedding_files
-from curate.features.tables import write_file_table
+from curate.features.tables import feature_root, read_table_meta, write_file_table
 
 VIEW = "semdedup"
 META_KEY = b"curate.semdedup"
@@ -138,21 +138,6 @@ class Plan:
         return self.out_dir / f"_work-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
 
 
-def _read_meta(path: Path) -> dict | None:
-    try:
-        return json.loads((pq.read_schema(path).metadata or {})[META_KEY])
-    except (OSError, KeyError, ValueError, pa.ArrowException):
-        return None
-
-
-def _root(catalog) -> Path:
-    con = connect(catalog)
-    try:
-        return features_dir(con, catalog) / VIEW
-    finally:
-        con.close()
-
-
 def plan(catalog, clusters: str, force: bool = False) -> Plan:
     catalog = Path(catalog) if catalog else default_catalog()
     cs = get_cluster_set(catalog, check_name(clusters))
@@ -161,9 +146,9 @@ def plan(catalog, clusters: str, force: bool = False) -> Plan:
     files = pool_embedding_files(catalog, cs.key)
     if not files:
         raise SemDeDupError(f"{catalog}: the pool has no files")
-    p = Plan(catalog, cs.name, settings, files, _root(catalog) / cs.name)
+    p = Plan(catalog, cs.name, settings, files, feature_root(catalog, VIEW) / cs.name)
     for f in files:
-        meta = None if force else _read_meta(p.output(f.file))
+        meta = None if force else read_table_meta(p.output(f.file), META_KEY)
         if not (meta and meta.get("settings") == settings and meta.get("rows") == f.num_rows):
             p.todo.append(f)
     return p
@@ -292,7 +277,7 @@ class BuildResult:
 
 def register(catalog) -> None:
     """The view over every cluster set's tables of the pool's current files."""
-    root = _root(catalog)
+    root = feature_root(catalog, VIEW)
     con = connect(catalog)
     try:
         names = [r[0] for r in con.execute("SELECT file FROM pool_files ORDER BY file_id").fetchall()]

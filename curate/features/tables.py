@@ -1,10 +1,15 @@
-"""The per-pool-file feature table: ``uid, file, row`` plus the producer's columns, one parquet
-file per pool file, with the producer's settings in its metadata, written atomically."""
+"""What the embedding producers share: the per-pool-file feature table (``uid, file, row`` plus
+the producer's columns, one parquet file per pool file, settings in its metadata, written
+atomically), where a producer's tables live, the identity of a pool file's npz, and named sets
+of embeddings kept under the features dir (NormSim target sets, decontamination eval sets)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +17,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.atomic import atomic_path
+from curate.catalog.connection import connect, default_catalog, features_dir
+from curate.errors import CurateError
+from curate.features.embeddings import EmbeddingError, EmbeddingFile
 
 
 def write_file_table(out: Path, uid: pa.Array, file: str, columns: dict, schema: pa.Schema,
@@ -31,3 +39,78 @@ def write_file_table(out: Path, uid: pa.Array, file: str, columns: dict, schema:
         pq.write_table(table, tmp, compression="zstd")
         os.chmod(tmp, 0o644)
     return n
+
+
+def feature_root(catalog, view: str) -> Path:
+    """``FEATURES_DIR/view``: where a producer keeps its tables (or a kind of named set)."""
+    con = connect(catalog)
+    try:
+        return features_dir(con, catalog) / view
+    finally:
+        con.close()
+
+
+def read_table_meta(path: Path, meta_key: str) -> dict | None:
+    """The settings a producer stored in a table's parquet metadata (None: unreadable or absent)."""
+    try:
+        return json.loads((pq.read_schema(path).metadata or {})[meta_key])
+    except (OSError, KeyError, ValueError, pa.ArrowException):
+        return None
+
+
+def npz_identity(ef: EmbeddingFile, needed_for: str, error: type[CurateError] = EmbeddingError) -> dict:
+    """Size and hash of the npz's last 4 KiB: its zip central directory, which holds every
+    member's CRC-32 (cheap enough to check on every ``curate run``)."""
+    if ef.npz is None or not ef.npz.is_file():
+        raise error(f"pool file {ef.file}: no .npz beside the parquet ({needed_for})")
+    size = ef.npz.stat().st_size
+    with open(ef.npz, "rb") as fh:
+        fh.seek(max(0, size - 4096))
+        tail = fh.read()
+    return {"npz_bytes": size, "npz_tail_sha256": hashlib.sha256(tail).hexdigest()}
+
+
+# -- named sets of embeddings (NormSim target sets, decontamination eval sets) -----------------
+
+SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
+
+
+@dataclass
+class NamedSet:
+    """``FEATURES_DIR/KIND/NAME/``: ``embeddings.npy`` (float32 rows) and ``set.json`` (``meta``)."""
+    name: str
+    dir: Path
+    meta: dict
+
+    @property
+    def embeddings_path(self) -> Path:
+        return self.dir / "embeddings.npy"
+
+    def embeddings(self, mmap: bool = True) -> np.ndarray:
+        return np.load(self.embeddings_path, mmap_mode="r" if mmap else None, allow_pickle=False)
+
+
+def check_set_name(name, what: str, error: type[CurateError]) -> str:
+    if not isinstance(name, str) or not SET_NAME.match(name):
+        raise error(f"{what} name {name!r}: use letters, digits, '_', '.', '-'")
+    return name
+
+
+def list_named_sets(catalog, kind: str, make) -> list:
+    """``make(name, dir, meta)`` for every ``FEATURES_DIR/kind/NAME/set.json``, by name."""
+    catalog = Path(catalog) if catalog else default_catalog()
+    root = feature_root(catalog, kind)
+    return [make(meta.parent.name, meta.parent, json.loads(meta.read_text()))
+            for meta in (sorted(root.glob("*/set.json")) if root.is_dir() else [])
+            if SET_NAME.match(meta.parent.name)]
+
+
+def find_named_set(catalog, kind: str, name, make, what: str, error: type[CurateError], hint: str):
+    """The set ``name`` of ``kind``; a one-line ``error`` naming the sets there are and ``hint``."""
+    check_set_name(name, what, error)
+    sets = list_named_sets(catalog, kind, make)
+    for s in sets:
+        if s.name == name:
+            return s
+    have = ", ".join(s.name for s in sets) or "none"
+    raise error(f"{what} '{name}' not found in {catalog} (have: {have}); {hint}")

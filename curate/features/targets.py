@@ -13,17 +13,16 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from curate.atomic import atomic_path, file_sha256, replace_dir, write_json
-from curate.catalog.connection import connect, default_catalog, features_dir
+from curate.catalog.connection import default_catalog
 from curate.errors import CurateError
 from curate.features.clusters import load_array_file
+from curate.features.tables import NamedSet, check_set_name, feature_root, find_named_set, list_named_sets
 
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 _OWNED = re.compile(r"embeddings\.npy|set\.json|\..+\.tmp")
 
 
@@ -31,53 +30,25 @@ class TargetError(CurateError):
     """A target set or target embedding file that cannot be used."""
 
 
-@dataclass
-class TargetSet:
-    name: str
-    dir: Path
-    meta: dict
-
-    @property
-    def embeddings_path(self) -> Path:
-        return self.dir / "embeddings.npy"
-
-    def embeddings(self, mmap: bool = True) -> np.ndarray:
-        return np.load(self.embeddings_path, mmap_mode="r" if mmap else None, allow_pickle=False)
+class TargetSet(NamedSet):
+    """A NormSim target set: ``FEATURES_DIR/targets/NAME/``."""
 
 
 def check_name(name) -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise TargetError(f"target set name {name!r}: use letters, digits, '_', '.', '-'")
-    return name
+    return check_set_name(name, "target set", TargetError)
 
 
 def targets_root(catalog) -> Path:
-    con = connect(catalog)
-    try:
-        return features_dir(con, catalog) / "targets"
-    finally:
-        con.close()
+    return feature_root(catalog, "targets")
 
 
 def list_target_sets(catalog=None) -> list[TargetSet]:
-    catalog = Path(catalog) if catalog else default_catalog()
-    root = targets_root(catalog)
-    out = []
-    for meta in sorted(root.glob("*/set.json")) if root.is_dir() else []:
-        if _NAME_RE.match(meta.parent.name):
-            out.append(TargetSet(meta.parent.name, meta.parent, json.loads(meta.read_text())))
-    return out
+    return list_named_sets(catalog, "targets", TargetSet)
 
 
 def get_target_set(catalog, name) -> TargetSet:
-    check_name(name)
-    sets = list_target_sets(catalog)
-    for ts in sets:
-        if ts.name == name:
-            return ts
-    have = ", ".join(t.name for t in sets) or "none"
-    raise TargetError(f"target set '{name}' not found in {catalog} (have: {have}); create it with "
-                      f"`curate targets import CATALOG --name {name} --embeddings FILE...`")
+    return find_named_set(catalog, "targets", name, TargetSet, "target set", TargetError,
+                          f"create it with `curate targets import CATALOG --name {name} --embeddings FILE...`")
 
 
 def normalise_rows(x: np.ndarray) -> np.ndarray:

@@ -20,6 +20,7 @@ from curate.catalog.connection import connect, init_catalog
 from curate.cli.main import main
 from curate.features import decontam as dc
 from curate.features.registry import producer
+from curate.features.tables import read_table_meta
 from curate.pool.sample import write_npz
 from curate.subset import write_subset
 from tests.conftest import pool_table, read_uids, uid_of
@@ -147,7 +148,7 @@ def test_decontaminate_filter_and_report(hand, tmp_path):
         assert read_uids(out) == [u for u in sub if u not in {UIDS[k] for k in removed}], threshold
     # the table was built at 0.95, rebuilt at 0.75 and 0.5 (lower), not at 0.99 (served by 0.75's)
     p = dc.plan(cat, "evals", 0.5)
-    assert not p.todo and dc._read_meta(p.output(p.files[0]))["settings"]["threshold"] == 0.5
+    assert not p.todo and read_table_meta(p.output(p.files[0]), dc.META_KEY)["settings"]["threshold"] == 0.5
     assert producer("eval_neighbors").is_current(cat, {"eval_set": "evals", "threshold": 0.6})
     assert not producer("eval_neighbors").is_current(cat, {"eval_set": "evals", "threshold": 0.4})
     # per task at 0.75 over the pool: cifar10 A0, A1, B0; mnist A2, B1; 5 distinct of 7

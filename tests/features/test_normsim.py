@@ -17,6 +17,7 @@ from curate.engine import Engine
 from curate.errors import CurateError
 from curate.features import normsim as ns
 from curate.features.registry import producer
+from curate.features.tables import feature_root
 from curate.features.targets import get_target_set, import_target_set, list_target_sets
 from curate.pool.sample import generate_pool, write_npz
 from tests.conftest import pool_table, uid_of
@@ -133,7 +134,7 @@ def _cat(gen, tmp_path, name):
 
 
 def _bytes(cat):
-    d = ns._root(cat) / "t"
+    d = feature_root(cat, ns.VIEW) / "t"
     return {p.name: p.read_bytes() for p in sorted(d.glob("*.parquet"))}
 
 
@@ -149,7 +150,7 @@ def test_same_bytes_on_every_engine_and_resume(gen, tmp_path, ray_session):
     ns.build_normsim(c, "t", progress=False, engine=Engine("ray", address=ray_session))
     assert _bytes(c) == want
     # resume: a missing file is the only one computed
-    victim = sorted((ns._root(a) / "t").glob("*.parquet"))[1]
+    victim = sorted((feature_root(a, ns.VIEW) / "t").glob("*.parquet"))[1]
     victim.unlink()
     assert not producer("normsim").is_current(a, {"targets": "t"})
     res = ns.build_normsim(a, "t", progress=False)
