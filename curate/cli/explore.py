@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from curate.cli.options import catalog_option
+from curate.cli.options import catalog_option, catalog_used
 from curate.explore.app import LOOPBACK, is_loopback, serve
 
 
@@ -28,5 +28,6 @@ def explore_cmd(catalog, port, host):
     if not is_loopback(host):
         click.echo(f"warning: --host {host}: the explorer is reachable from other machines and has no "
                    f"login; anyone who can connect can read the pool and run filters", err=True)
-    click.echo(f"curate explore: http://{host if ':' not in host else f'[{host}]'}:{port}/ (Ctrl-C to stop)")
+    click.echo(f"curate explore: http://{host if ':' not in host else f'[{host}]'}:{port}/ on catalog "
+               f"{catalog_used(catalog)} (Ctrl-C to stop)")
     serve(catalog, host, port)

@@ -242,8 +242,10 @@ def test_cli_warns_off_loopback(monkeypatch):
     monkeypatch.setattr(cli_explore, "serve", lambda *a: calls.append(a))
     r = CliRunner().invoke(main, ["explore", str(CATALOG), "--port", "8801"])
     assert r.exit_code == 0 and "warning" not in r.output
-    assert "http://127.0.0.1:8801/" in r.output
+    assert "http://127.0.0.1:8801/" in r.output and f"on catalog {CATALOG} (Ctrl-C to stop)" in r.output
+    r = CliRunner().invoke(main, ["explore", "--port", "8802"], env={"CURATE_CATALOG": ""})
+    assert "(the bundled example; pass -c FILE or set CURATE_CATALOG)" in r.output
     r = CliRunner().invoke(main, ["explore", str(CATALOG), "--host", "0.0.0.0"])
     assert r.exit_code == 0
     assert "warning: --host 0.0.0.0: the explorer is reachable from other machines" in r.output
-    assert calls == [(CATALOG, "127.0.0.1", 8801), (CATALOG, "0.0.0.0", 8765)]
+    assert calls == [(CATALOG, "127.0.0.1", 8801), (None, "127.0.0.1", 8802), (CATALOG, "0.0.0.0", 8765)]
