@@ -50,13 +50,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.atomic import atomic_path, file_sha256, replace_dir, write_json
-from curate.catalog.connection import connect, default_catalog, register_parquet_view
+from curate.catalog.connection import connect, default_catalog
 from curate.engine import Engine, map_tasks
 from curate.errors import CurateError
 from curate.features.clusters import load_array_file
 from curate.features.embeddings import EmbeddingError, EmbeddingFile, check_key, iter_batches, pool_embedding_files
 from curate.features.tables import (NamedSet, check_set_name, feature_root, find_named_set, list_named_sets,
-                                    npz_identity, read_table_meta)
+                                    npz_identity, read_table_meta, register_file_tables)
 
 VIEW = "eval_neighbors"
 META_KEY = b"curate.eval_neighbors"
@@ -484,16 +484,8 @@ def _file_task(catalog: str, eval_set: str, ef: EmbeddingFile, out: str, setting
 
 
 def _register(catalog: Path) -> None:
-    root = feature_root(catalog, VIEW)
-    con = connect(catalog)
-    try:
-        names = [r[0] for r in con.execute("SELECT file FROM pool_files ORDER BY file_id").fetchall()]
-    finally:
-        con.close()
-    files = [root / es.name / f"{name}.parquet" for es in list_eval_sets(catalog) for name in names
-             if (root / es.name / f"{name}.parquet").is_file()]
-    if files:
-        register_parquet_view(catalog, VIEW, files, 'uid, file, "row", eval_set, task, eval_key, sim')
+    register_file_tables(catalog, VIEW, feature_root(catalog, VIEW), [es.name for es in list_eval_sets(catalog)],
+                         'uid, file, "row", eval_set, task, eval_key, sim')
 
 
 @dataclass

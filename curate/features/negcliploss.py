@@ -49,11 +49,11 @@ import numpy as np
 import pyarrow as pa
 
 from curate.atomic import atomic_path, write_json
-from curate.catalog.connection import connect, default_catalog, features_dir, register_parquet_view
+from curate.catalog.connection import connect, default_catalog, features_dir
 from curate.engine import Engine, map_tasks
 from curate.errors import CurateError
 from curate.features.embeddings import EmbeddingFile, convert_embeddings, open_npy, pool_embedding_files
-from curate.features.tables import npz_identity, read_table_meta, write_file_table
+from curate.features.tables import npz_identity, read_table_meta, register_file_tables, write_file_table
 
 VIEW = "negcliploss"
 META_KEY = b"curate.negcliploss"
@@ -442,16 +442,7 @@ class BuildResult:
 
 def _register(catalog: Path) -> None:
     """The view over every arch's tables of the pool's current files."""
-    root = _out_dir(catalog, "x").parent
-    con = connect(catalog)
-    try:
-        names = [r[0] for r in con.execute("SELECT file FROM pool_files ORDER BY file_id").fetchall()]
-    finally:
-        con.close()
-    files = [root / arch / f"{name}.parquet" for arch in ARCHS for name in names
-             if (root / arch / f"{name}.parquet").is_file()]
-    if files:
-        register_parquet_view(catalog, VIEW, files, 'uid, file, "row", arch, value')
+    register_file_tables(catalog, VIEW, _out_dir(catalog, "x").parent, ARCHS, 'uid, file, "row", arch, value')
 
 
 def build_negcliploss(catalog=None, params: dict | None = None, progress: bool = True, force: bool = False,

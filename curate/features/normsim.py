@@ -26,11 +26,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from curate.catalog.connection import connect, default_catalog, register_parquet_view
+from curate.catalog.connection import connect, default_catalog
 from curate.engine import Engine, map_tasks
 from curate.errors import CurateError
 from curate.features.embeddings import EmbeddingFile, iter_batches, pool_embedding_files
-from curate.features.tables import feature_root, npz_identity, read_table_meta, write_file_table
+from curate.features.tables import (feature_root, npz_identity, read_table_meta, register_file_tables,
+                                    write_file_table)
 from curate.features.targets import check_name, get_target_set, list_target_sets
 
 VIEW = "normsim"
@@ -166,16 +167,8 @@ class BuildResult:
 
 
 def _register(catalog: Path) -> None:
-    root = feature_root(catalog, VIEW)
-    con = connect(catalog)
-    try:
-        names = [r[0] for r in con.execute("SELECT file FROM pool_files ORDER BY file_id").fetchall()]
-    finally:
-        con.close()
-    files = [root / ts.name / f"{name}.parquet" for ts in list_target_sets(catalog) for name in names
-             if (root / ts.name / f"{name}.parquet").is_file()]
-    if files:
-        register_parquet_view(catalog, VIEW, files, 'uid, file, "row", target_set, normsim_inf, normsim_2')
+    register_file_tables(catalog, VIEW, feature_root(catalog, VIEW), [ts.name for ts in list_target_sets(catalog)],
+                         'uid, file, "row", target_set, normsim_inf, normsim_2')
 
 
 def build_normsim(catalog=None, target_set: str = "", progress: bool = True, force: bool = False,

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.atomic import atomic_path
-from curate.catalog.connection import connect, default_catalog, features_dir
+from curate.catalog.connection import connect, default_catalog, features_dir, register_parquet_view
 from curate.errors import CurateError
 from curate.features.embeddings import EmbeddingError, EmbeddingFile
 
@@ -114,3 +114,17 @@ def find_named_set(catalog, kind: str, name, make, what: str, error: type[Curate
             return s
     have = ", ".join(s.name for s in sets) or "none"
     raise error(f"{what} '{name}' not found in {catalog} (have: {have}); {hint}")
+
+
+def register_file_tables(catalog, view: str, root: Path, parts, columns: str) -> None:
+    """Register ``view`` over ``root/PART/FILE.parquet`` for every part (an arch, a target set,
+    an eval set) and every current pool file that has one, parts first, files in pool order."""
+    con = connect(catalog)
+    try:
+        names = [r[0] for r in con.execute("SELECT file FROM pool_files ORDER BY file_id").fetchall()]
+    finally:
+        con.close()
+    files = [root / part / f"{name}.parquet" for part in parts for name in names
+             if (root / part / f"{name}.parquet").is_file()]
+    if files:
+        register_parquet_view(catalog, view, files, columns)
