@@ -10,22 +10,35 @@ what the server calls):
 
   * opening the session (no tar is scanned: the catalog has an index);
   * running clip_score_l14_30pct.sql (through curate.run.run_filter, as `curate run`);
-  * the first page of 100 kept samples after the query (metadata + shard lookup): target 1 s;
-    beside it a bare DuckDB count of the pool rows in the page's uid range (the bound: the pool
-    is not ordered by uid, so finding a page's rows is a scan of that column);
+  * the first page of 100 kept samples after the query (metadata + shard lookup side by side):
+    target 1 s; beside it a bare DuckDB count of the pool rows in the page's uid range (the
+    bound: the pool is not ordered by uid, so finding a page's rows is a scan of that column);
   * 100 thumbnails of that page: reads counted (target: 100 reads, one per sample);
-  * the first page of the dropped part, and a kept page at offset 1,000,000.
+  * the next page (fetched ahead while the first was looked at), a kept page at offset
+    1,000,000 (not fetched ahead), the first page of the dropped part.
+
+``--browser N``: then N times, a fresh ``curate explore`` server on the catalog and a headless
+chromium (selenium) running clip_score_l14_30pct from the page as a user does; from the moment
+the query's answer reaches the page, the time until the grid's cards are shown and until its
+24 thumbnails have decoded (timestamps taken in the page by a MutationObserver). ``--tree DIR``
+serves another checkout's explorer (e.g. ``git archive HEAD | tar -x -C DIR``) for a
+before/after on the same machine.
 
 Usage: python bench/bench_explore.py [--rows-per-file 1000000] [--files 10] [--work bench/_work]
+       [--browser 3] [--tree DIR] [--skip-session]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import socket
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import duckdb
@@ -78,14 +91,27 @@ def main():
     ap.add_argument("--files", type=int, default=10)
     ap.add_argument("--rows-per-file", type=int, default=1_000_000)
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "_work")
+    ap.add_argument("--browser", type=int, default=0, help="browser runs (0: none)")
+    ap.add_argument("--tree", type=Path, default=ROOT, help="checkout whose explorer --browser serves")
+    ap.add_argument("--skip-session", action="store_true", help="only the browser runs")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     cat = catalog_with_index(args.work, args.files, args.rows_per_file)
+    if not args.skip_session:
+        session_figures(cat)
+    for i in range(args.browser):
+        shown, decoded, query = browser_first_page(cat, args.tree)
+        print(f"browser run {i + 1} ({args.tree}): query {query:.2f}s; after its answer reached the page: "
+              f"cards shown {shown:.3f}s, 24 thumbnails decoded {decoded:.3f}s", flush=True)
+
+
+def session_figures(cat: Path) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         t0 = time.perf_counter()
         s = Session(cat, Path(scratch))
         print(f"session opened in {time.perf_counter() - t0:.2f}s (shards: {s.reader.source}, "
               f"{s.pool_rows:,} rows)")
+        time.sleep(2)  # a user picks a filter: meanwhile the shard index is read into memory
         t0 = time.perf_counter()
         res = s.run({"filter": "clip_score_l14_30pct"})
         print(f"query: kept {res.info['count']:,} in {time.perf_counter() - t0:.2f}s "
@@ -111,13 +137,88 @@ def main():
         t_thumbs = time.perf_counter() - t0
         print(f"{len(with_image)} thumbnails: {s.reader.reads - reads0} reads, "
               f"{(s.reader.bytes_read - bytes0) / 1024:.0f} KiB, {t_thumbs:.3f}s (decode + resize included)")
+        s.settle()  # the next rows, fetched ahead while the first page is looked at
         t0 = time.perf_counter()
-        s.page(res.rid, "dropped", 0, 100)
-        print(f"first page of 100 dropped samples (counts the part once): {time.perf_counter() - t0:.3f}s")
+        s.page(res.rid, "kept", 100, 100)
+        print(f"next page of 100 kept samples (fetched ahead): {time.perf_counter() - t0:.3f}s")
+        s.settle()
         t0 = time.perf_counter()
         s.page(res.rid, "kept", 1_000_000, 100)
         print(f"kept page at offset 1,000,000: {time.perf_counter() - t0:.3f}s")
+        s.settle()
+        t0 = time.perf_counter()
+        s.page(res.rid, "dropped", 0, 100)
+        print(f"first page of 100 dropped samples (counts the part once): {time.perf_counter() - t0:.3f}s")
         s.close()
+
+
+# In the page: when #run-status gets its data-rid (the query's answer arrived), when #grid is
+# filled for that result, and when its thumbnails have all loaded.
+_OBSERVE = """
+window.__t = {};
+const status = document.getElementById('run-status'), grid = document.getElementById('grid');
+new MutationObserver(() => { if (status.dataset.rid && !__t.answer) __t.answer = performance.now(); })
+  .observe(status, {attributes: true});
+new MutationObserver(() => {
+  if (!__t.answer || __t.shown || !(grid.dataset.loaded || '').startsWith(status.dataset.rid + ':kept:')) return;
+  __t.shown = performance.now();
+  const imgs = Array.from(grid.querySelectorAll('img.thumb'));
+  let left = imgs.length;
+  const done = () => { if (--left <= 0 && !__t.decoded) __t.decoded = performance.now(); };
+  if (!imgs.length) __t.decoded = __t.shown;
+  for (const i of imgs) { if (i.complete) done(); else { i.addEventListener('load', done); i.addEventListener('error', done); } }
+}).observe(grid, {attributes: true});
+"""
+
+
+def browser_first_page(cat: Path, tree: Path) -> tuple[float, float, float]:
+    """(cards shown, thumbnails decoded, query time) in seconds, in a fresh server and browser."""
+    from selenium import webdriver  # lazy: only --browser needs selenium
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    with tempfile.TemporaryDirectory() as cwd:
+        proc = subprocess.Popen([sys.executable, "-m", "curate", "explore", str(cat), "--port", str(port)],
+                                cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        opts = webdriver.ChromeOptions()
+        opts.binary_location = shutil.which("chromium")
+        for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1400,1000"):
+            opts.add_argument(a)
+        driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    urllib.request.urlopen(base + "/api/info", timeout=5).read()
+                    break
+                except OSError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise SystemExit("curate explore did not start")
+                    time.sleep(0.2)
+            driver.get(base + "/")
+            wait = WebDriverWait(driver, 300)
+            wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1")
+            driver.execute_script(_OBSERVE)
+            Select(driver.find_element(By.CSS_SELECTOR, "#src-main .src-kind")).select_by_value("filter:clip_score_l14_30pct")
+            driver.find_element(By.ID, "run-btn").click()
+            wait.until(lambda d: d.execute_script("return window.__t.decoded !== undefined"))
+            t = driver.execute_script("return window.__t")
+            query = float(driver.find_element(By.ID, "run-status").text.rsplit("in ", 1)[-1].rstrip("s"))
+            return (t["shown"] - t["answer"]) / 1000, (t["decoded"] - t["answer"]) / 1000, query
+        finally:
+            driver.quit()
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # a request still running in a worker thread
+                proc.kill()
+                proc.wait()
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 -- subset: the subset file to clean (another filter's output, e.g. `curate run clip_score_l14_30pct
 -- -o subsets/l14_30pct.npy`): each of its rows, duplicates included (DataComp's upsampling), is
 -- kept unless its uid is a pool sample near an eval image. An anti-join on the eval_neighbors
--- table: the ray engine refuses it (it cannot run per pool file); use --engine local.
+-- table that reads no pool rows: the ray engine runs it whole, as one task (docs/distributed.md).
 -- eval_set: eval images encoded with `curate decontam encode` (or `decontam import`); view
 -- eval_neighbors, built on first use at this threshold (docs/decontamination.md). The default
 -- threshold, 0.95, is ours: DataComp's own removal used another model (see the docs).

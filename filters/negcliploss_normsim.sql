@@ -4,8 +4,8 @@
 -- them, N counting ALL pool rows (DataComp's fraction semantics at both steps: ties at a
 -- threshold kept, NaN never). The paper's values (its code's DataComp-medium runs): 0.3 and
 -- 0.2, K = 10 batches of 32768 at tau = 0.01. The second step ranks within the
--- first step's rows, which the ray engine cannot do per pool file: it refuses this filter (use
--- --engine local; the tables themselves build on ray). docs/negcliploss-normsim.md.
+-- first step's rows: on the ray engine that rank (the scalar subquery below) is evaluated once,
+-- on the driver, then each pool file is filtered (docs/distributed.md). docs/negcliploss-normsim.md.
 SET VARIABLE fraction = 0.3;
 SET VARIABLE normsim_fraction = 0.2;
 SET VARIABLE targets = 'in1k';

@@ -16,6 +16,13 @@ from curate.catalog.connection import init_catalog
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def _quiet_progress(monkeypatch):
+    """No progress lines mixed into the command output tests compare (CliRunner's output holds
+    stderr too); tests/test_progress.py turns them back on where it checks them."""
+    monkeypatch.setenv("CURATE_PROGRESS", "off")
+
+
 def uid_of(i: int) -> str:
     """A deterministic, valid uid for test row i (spread over the 128-bit range)."""
     return f"{(i * 0x9E3779B97F4A7C15) % (1 << 64):016x}{(i * 0xC2B2AE3D27D4EB4F + 1) % (1 << 64):016x}"

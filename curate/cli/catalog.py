@@ -7,13 +7,13 @@ import time
 from pathlib import Path
 
 import click
-from tqdm import tqdm
 
 from curate.catalog.connection import catalog_summary, init_catalog
 from curate.cli.options import catalog_option, catalog_used
 from curate.demo.example import build_example
 from curate.errors import CurateError
 from curate.pool.sample import generate_pool
+from curate.progress import Progress
 from curate.subset import subset_info, subset_to_parquet
 
 
@@ -134,6 +134,6 @@ def sample_pool_cmd(out, files, rows_per_file, seed, npz, shards, fast):
     """
     t0 = time.perf_counter()
     generate_pool(out, files=files, rows_per_file=rows_per_file, seed=seed, npz=npz, shards=shards,
-                  fast=fast, progress=lambda it: tqdm(it, desc="files", unit="file"))
+                  fast=fast, progress=lambda it: Progress(it, desc="files", unit="file"))
     click.echo(f"wrote {out}: {files * rows_per_file:,} samples in {files} files "
                f"in {time.perf_counter() - t0:.1f}s")

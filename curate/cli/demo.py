@@ -7,7 +7,9 @@ from pathlib import Path
 
 import click
 
+from curate.cli.options import progress
 from curate.demo.pipeline import DemoConfig, run_demo
+from curate.progress import Progress
 
 
 @click.command("demo")
@@ -42,6 +44,7 @@ def demo_cmd(out, seeds, samples_seen, scorer_samples_seen, renders_per_emoji, m
                      samples_seen=samples_seen, scorer_samples_seen=scorer_samples_seen,
                      renders_per_emoji=renders_per_emoji, max_emoji=max_emoji, fraction=fraction,
                      threshold=threshold, workers=workers)
-    res = run_demo(cfg, say=click.echo, echo=(lambda ln: click.echo(ln, err=True)) if verbose else None)
+    res = run_demo(cfg, say=click.echo, echo=(lambda ln: click.echo(ln, err=True)) if verbose else None,
+                   progress=Progress if progress() else None)
     click.echo(res.table)
     click.echo(f"wrote {res.out / 'results.md'} and {res.out / 'results.json'} in {time.perf_counter() - t0:.0f}s")

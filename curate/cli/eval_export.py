@@ -3,14 +3,13 @@ over :func:`curate.evaluate.export.export_eval_set`)."""
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 import click
-from tqdm import tqdm
 
 from curate.evaluate.export import KINDS, export_eval_set
+from curate.progress import Progress
 
 
 @click.command("eval-export-folder")
@@ -59,10 +58,8 @@ def export_folder_cmd(src, out, kind, task, tasks, classnames, templates, image_
       curate eval-export-folder captions.csv evalsets/wds_mycaps_test --caption-column caption
     """
     t0 = time.perf_counter()
-    tty = sys.stderr.isatty()
-    # progress also when not on a terminal (a log line every 30 s instead of a live bar)
-    progress = (lambda it, total=None: tqdm(it, total=total, unit="img", leave=False,
-                                            mininterval=0.1 if tty else 30.0))
+    # a bar at a terminal, log lines elsewhere (curate.progress)
+    progress = (lambda it, total=None: Progress(it, total=total, desc="eval-export-folder", unit="img", leave=False))
     res = export_eval_set(src, out, kind=kind, task=task, tasks=tasks, classnames=classnames, templates=templates,
                           image_column=image_column, caption_column=caption_column, image_root=image_root,
                           shard_size=shard_size, overwrite=overwrite, progress=progress)

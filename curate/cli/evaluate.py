@@ -4,16 +4,15 @@ matrix`` is in :mod:`curate.cli.tic`)."""
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 import click
-from tqdm import tqdm
 
 from curate.evaluate.models import PRECISIONS
 from curate.evaluate.run import evaluate_run
 from curate.evaluate.winogavil import export_winogavil, winogavil_rows_from_hf
+from curate.progress import Progress
 
 
 @click.command("eval")
@@ -44,10 +43,8 @@ def eval_cmd(train_output_dir, tasks, data_dir, output_dir, batch_size, only, pr
       curate eval --train-output-dir runs/tiny_scale --data-dir /data/datacomp_eval
     """
     t0 = time.perf_counter()
-    tty = sys.stderr.isatty()
-    # progress also when not on a terminal (a log line every 30 s instead of a live bar)
-    progress = (lambda it, total=None: tqdm(it, total=total, unit="img", leave=False,
-                                            mininterval=0.1 if tty else 30.0))
+    # a bar per task at a terminal, log lines elsewhere (curate.progress)
+    progress = (lambda it, total=None, desc=None: Progress(it, total=total, desc=desc, unit="sample", leave=False))
     s = evaluate_run(train_output_dir, tasks=tasks, data_dir=data_dir, output_dir=output_dir,
                      batch_size=batch_size, only=list(only) or None, progress=progress,
                      say=lambda m: click.echo(m, err=True), precision=precision, device=device, threads=threads)

@@ -12,14 +12,14 @@
 * ``workers_option(...)``: ``--workers/-j`` alone, for commands whose workers are not an engine
   (data loader workers of a training run).
 * ``storage_option``: fsspec options for ``s3://`` URLs, parsed to a dict.
-* ``progress()``: whether to draw progress bars (standard error is a terminal).
+* ``progress()``: whether to show progress (:mod:`curate.progress`: a bar at a terminal, log
+  lines elsewhere; none with ``CURATE_PROGRESS=off``).
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import sys
 from pathlib import Path
 
 import click
@@ -27,13 +27,14 @@ import click
 from curate.catalog.connection import default_catalog
 from curate.engine import Engine
 from curate.errors import CurateError
+from curate.progress import enabled as progress_enabled
 from curate.storage import parse_storage_options
 
 CATALOG_HELP = "Catalog file (default: $CURATE_CATALOG or the bundled catalog.duckdb.example)."
 
 
 def progress() -> bool:
-    return sys.stderr.isatty()
+    return progress_enabled()
 
 
 def catalog_used(catalog) -> str:

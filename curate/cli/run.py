@@ -55,7 +55,8 @@ def run_cmd(filter_file, catalog, out, sets, explain, dropped, plot, engine):
             found.append(inspect_prepared(con, opened.flt, query, opened.params, catalog or default_catalog(),
                                           explain, dropped, plot, outputs))
 
-        res = runner.run_filter(filter_file, catalog, out, sets, progress(), before_fetch=before_fetch)
+        res = runner.run_filter(filter_file, catalog, out, sets, progress(), before_fetch=before_fetch,
+                                row_level=False)  # per-conjunct counts need whole feature columns
     else:
         res = run_filter(filter_file, catalog=catalog, out=out, sets=sets, progress=progress(), engine=engine)
     if explain:

@@ -354,7 +354,7 @@ def write_eval_sets(ev: list, data_dir: Path) -> Path:
 # --------------------------------------------------------------------------- BYOD scoring
 
 
-def score_pool(pool_dir: Path, scorer_run: Path) -> Path:
+def score_pool(pool_dir: Path, scorer_run: Path, progress: bool = False) -> Path:
     """BYOD scoring with :func:`curate.pool.byod.score_shards`: the scorer model's cosine of image
     and text for every pair of ``pool_dir/shards``, as CommonPool metadata in
     ``pool_dir/metadata_scored`` (one parquet + npz per shard; score in the l14 columns)."""
@@ -362,7 +362,7 @@ def score_pool(pool_dir: Path, scorer_run: Path) -> Path:
     m = load_model(rec["model"], rec["checkpoint"])
     out = pool_dir / "metadata_scored"
     score_shards(pool_dir / "shards", out, m.model, m.preprocess, m.tokenizer, embedding="l14",
-                 progress=False, overwrite=True)
+                 progress=progress, overwrite=True)
     return out
 
 
@@ -433,7 +433,10 @@ def demo_table(results: dict, seeds) -> str:
 
 
 def run_demo(cfg: DemoConfig, say=print, echo=None, progress=None) -> DemoResult:
-    """The whole demo (steps 1-7 of the module docstring) under ``cfg.out``; returns the table."""
+    """The whole demo (steps 1-7 of the module docstring) under ``cfg.out``; returns the table.
+
+    ``progress``: None, or a bar like :class:`curate.progress.Progress` (``progress(iterable,
+    desc=, unit=)``) for the rendering and the train+eval runs; scoring and resharding show theirs."""
     import torch  # lazy: optional extra [torch]
 
     out = Path(cfg.out).resolve()
@@ -474,7 +477,7 @@ def run_demo(cfg: DemoConfig, say=print, echo=None, progress=None) -> DemoResult
     scorer = train(TrainSpec(scale="tiny", data=str(scorer_dir), output_dir=runs, exp_name="scorer",
                              workers=cfg.workers, num_checkpoints=1, train_num_samples=cfg.scorer_samples_seen, threads=cfg.threads,
                              seed=0, log_every_n_steps=20), echo=echo)
-    scored = score_pool(pool_dir, scorer.run_dir)
+    scored = score_pool(pool_dir, scorer.run_dir, progress is not None)
     scores = {}
     for f in sorted(scored.glob("*.parquet")):
         t = pq.read_table(f, columns=["uid", "clip_l14_similarity_score"])
@@ -506,7 +509,7 @@ def run_demo(cfg: DemoConfig, say=print, echo=None, progress=None) -> DemoResult
     t0 = time.perf_counter()
     outs = [Output(out / "resharded" / arm, Path(subsets[arm]), None) for arm, _, _ in ARMS]
     rres = reshard_many([pool_dir / "shards"], outs, shard_size=cfg.shard_size, engine=Engine(workers=cfg.workers),
-                        overwrite=True)
+                        overwrite=True, progress=progress is not None)
     for arm_def, r in zip(ARMS, rres):
         say(f"resharded {arm_def[0]}: {r.output_count:,} samples in {r.output_shard_count} shards")
     timings["reshard"] = time.perf_counter() - t0
@@ -517,20 +520,18 @@ def run_demo(cfg: DemoConfig, say=print, echo=None, progress=None) -> DemoResult
     empty = [arm for arm, _, _ in ARMS if kept[arm]["count"] == 0]
     for arm in empty:
         say(f"{arm}: the filter kept nothing; not trained (a weak scorer can leave no pair above a threshold)")
-    for seed in cfg.seeds:
-        for arm, _, _ in ARMS:
-            if arm in empty:
-                continue
-            r = train(TrainSpec(scale="tiny", data=str(out / "resharded" / arm), output_dir=runs,
-                                exp_name=f"{arm}_s{seed}", workers=cfg.workers, num_checkpoints=1, threads=cfg.threads,
-                                train_num_samples=cfg.samples_seen, seed=seed, log_every_n_steps=20), echo=echo)
-            s = evaluate_run(r.run_dir, tasks=tasks, data_dir=eval_dir)
-            m = {row["key"]: row["main"] for row in s.rows}
-            ips = [row["ips"] for row in s.rows if row.get("ips")]
-            results[arm]["seeds"][seed] = {k: v["metrics"] for k, v in read_results(s.results_file).items()}
-            say(f"seed {seed} {arm}: groups acc1 {m['emoji/groups']:.3f}, retrieval mean R@1 "
-                f"{m['emoji/retrieval']:.3f} (train {r.elapsed:.0f}s, samples seen {cfg.samples_seen:,}"
-                + (f", eval {np.mean(ips):.0f} img/s)" if ips else ")"))
+    jobs = [(seed, arm) for seed in cfg.seeds for arm, _, _ in ARMS if arm not in empty]
+    for seed, arm in (jobs if progress is None else progress(jobs, desc="demo train+eval", unit="run")):
+        r = train(TrainSpec(scale="tiny", data=str(out / "resharded" / arm), output_dir=runs,
+                            exp_name=f"{arm}_s{seed}", workers=cfg.workers, num_checkpoints=1, threads=cfg.threads,
+                            train_num_samples=cfg.samples_seen, seed=seed, log_every_n_steps=20), echo=echo)
+        s = evaluate_run(r.run_dir, tasks=tasks, data_dir=eval_dir)
+        m = {row["key"]: row["main"] for row in s.rows}
+        ips = [row["ips"] for row in s.rows if row.get("ips")]
+        results[arm]["seeds"][seed] = {k: v["metrics"] for k, v in read_results(s.results_file).items()}
+        say(f"seed {seed} {arm}: groups acc1 {m['emoji/groups']:.3f}, retrieval mean R@1 "
+            f"{m['emoji/retrieval']:.3f} (train {r.elapsed:.0f}s, samples seen {cfg.samples_seen:,}"
+            + (f", eval {np.mean(ips):.0f} img/s)" if ips else ")"))
     timings["train_eval"] = time.perf_counter() - t0
 
     # 7. table

@@ -34,14 +34,13 @@ import signal
 import sys
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
-from tqdm import tqdm
-
 from curate.engine import ray as ray_engine
 from curate.engine.ray import EngineError
+from curate.progress import Progress
 
 KINDS = ("local", "ray")
 
@@ -163,19 +162,22 @@ def map_tasks(fn: Callable, tasks: Iterable[Sequence], engine: Engine | None = N
     Progress: one bar named ``desc``; it counts tasks, or ``sizes[i]`` per finished task (with
     ``unit``/``total``), or, with ``units=True``, what ``fn`` reports through the ``progress``
     callable it is given as a keyword (rows, captions; locally only, Ray counts ``sizes``).
-    ``start`` is the local process start method ("spawn" or "fork").
+    ``start`` is the local process start method ("spawn" or "fork"), or "thread": threads of this
+    process, for work that releases the GIL (Arrow kernels, parquet I/O).
     """
     engine = engine or LOCAL
     items = [tuple(t) for t in tasks]
     weights = list(sizes) if sizes is not None else [1] * len(items)
     if total is None:
         total = sum(weights)
-    bar = tqdm(total=total, desc=desc, unit=unit, disable=not progress, smoothing=0.05)
+    bar = Progress(total=total, desc=desc, unit=unit, disable=not progress, smoothing=0.05)
     try:
         if not items:
             return
         if engine.kind == "ray":
             yield from _ray(fn, items, engine, bar, weights, desc)
+        elif (engine.workers or 1) > 1 and len(items) > 1 and start == "thread":
+            yield from _threads(fn, items, min(engine.workers, len(items)), bar, weights, units)
         elif (engine.workers or 1) > 1 and len(items) > 1:
             yield from _processes(fn, items, min(engine.workers, len(items)), bar, weights, units, start)
         else:
@@ -195,6 +197,27 @@ def _ray(fn, items, engine: Engine, bar, weights, desc) -> Iterator:
     for w, r in zip(weights, ray_engine.ray_imap(fn, items, desc=desc, max_in_flight=engine.max_in_flight)):
         bar.update(w)
         yield r
+
+
+def _threads(fn, items, workers: int, bar, weights, units: bool) -> Iterator:
+    lock = threading.Lock()
+
+    def update(k):
+        with lock:
+            bar.update(k)
+
+    with ThreadPoolExecutor(workers) as ex:
+        futures = [ex.submit(fn, *args, progress=update) if units else ex.submit(fn, *args) for args in items]
+        try:
+            for w, fut in zip(weights, futures):
+                r = fut.result()
+                if not units:
+                    update(w)
+                yield r
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
 
 
 def _processes(fn, items, workers: int, bar, weights, units: bool, start: str) -> Iterator:

@@ -10,7 +10,7 @@ goes through :func:`ray_map`, which:
   of their arguments that write their output atomically, so a retry gives the same bytes;
 * does not retry a :class:`curate.errors.CurateError` (bad input stays bad) and re-raises it
   on the driver as the same one-line error;
-* shows progress (tqdm) as tasks complete.
+* shows progress (:class:`curate.progress.Progress`) as tasks complete.
 
 Without ``address`` a local Ray instance is started (``num_cpus`` defaults to the machine's);
 ``address="auto"`` or ``"ray://host:10001"`` joins an existing cluster.
@@ -22,9 +22,8 @@ import logging
 import os
 import sys
 
-from tqdm import tqdm
-
 from curate.errors import CurateError
+from curate.progress import Progress
 
 
 class EngineError(CurateError):
@@ -94,7 +93,7 @@ def ray_map(fn, arg_tuples, *, desc: str = "tasks", progress: bool = False, max_
     results: list = [None] * len(items)
     pending: dict = {}
     nxt = 0
-    bar = tqdm(total=len(items), desc=desc, unit="task", disable=not progress)
+    bar = Progress(total=len(items), desc=desc, unit="task", disable=not progress)
     try:
         while nxt < len(items) or pending:
             while nxt < len(items) and len(pending) < limit:
@@ -126,7 +125,7 @@ def ray_imap(fn, arg_tuples, **kw):
     remote = _remote_call(ray, max_retries, num_cpus)
     limit = kw.get("max_in_flight") or max(1, int(cluster_cpus() / num_cpus)) * 2
     refs: list = []
-    bar = tqdm(total=len(items), desc=kw.get("desc", "tasks"), unit="task", disable=not kw.get("progress"))
+    bar = Progress(total=len(items), desc=kw.get("desc", "tasks"), unit="task", disable=not kw.get("progress"))
     try:
         for i in range(len(items)):
             while len(refs) - i < limit and len(refs) < len(items):

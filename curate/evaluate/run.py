@@ -218,7 +218,8 @@ def evaluate_run(train_output_dir, tasks=None, data_dir=None, output_dir=None, b
     """Evaluate the model of a training run on every task with data; append to eval_results.jsonl.
 
     ``precision``/``device``: see :mod:`curate.evaluate.models` (auto = DataComp's: amp on CUDA,
-    fp32 on the CPU); ``threads`` sets torch's intra-op threads."""
+    fp32 on the CPU); ``threads`` sets torch's intra-op threads. ``progress(iterable, total=N,
+    desc=TASK)``, if given, wraps each task's samples (e.g. :class:`curate.progress.Progress`)."""
     run = Path(train_output_dir)
     rec = read_record(run)
     tasklist = load_tasklist(tasks)
@@ -266,7 +267,8 @@ def evaluate_run(train_output_dir, tasks=None, data_dir=None, output_dir=None, b
                                model_config=rec.get("model_config"))
         if say:
             say(f"{key}: {len(data.shards)} shards ({model.device}, {model.precision})")
-        res = run_task(model, data, key, batch_size, progress, classifiers)
+        task_progress = None if progress is None else (lambda it, total=None, k=key: progress(it, total=total, desc=k))
+        res = run_task(model, data, key, batch_size, task_progress, classifiers)
         metrics = dict(res["metrics"])
         metrics["main_metric"] = metrics.get(mm) if mm else None
         line = {"key": key, "dataset": task["name"], "metrics": metrics, "n": res["n"],

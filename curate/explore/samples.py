@@ -96,6 +96,17 @@ class ShardReader:
             out.setdefault((int(h), int(lo_)), Location(str(Path(root) / name), int(off), int(length)))
         return out
 
+    def warm(self, max_rows: int = 50_000_000) -> None:
+        """Read the shard index's columns once (an index of up to ``max_rows`` rows), so that the
+        first page's lookup does not load them from disk."""
+        cur = self.con.cursor()
+        try:
+            if cur.execute("SELECT count(*) FROM shard_index").fetchone()[0] <= max_rows:
+                cur.execute('SELECT bit_xor(uid_hi), bit_xor(uid_lo), bit_xor("offset"), bit_xor(length), '
+                            'bit_xor(shard_id) FROM shard_index').fetchone()
+        finally:
+            cur.close()
+
     def members(self, loc: Location) -> dict[str, bytes]:
         """The sample's members (extension -> bytes), read with one ``pread`` of its byte range."""
         fd = os.open(loc.path, os.O_RDONLY)

@@ -15,7 +15,8 @@ import io
 import itertools
 import re
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,8 @@ from curate.sqltokens import sql_literal
 from curate.explore.samples import Location, ShardReader
 from curate.features.registry import needed_producers, producer
 from curate.run import run_filter
-from curate.run.query import (bundled_filters, declared_params, describe_filter, load_filter, parse_value,
+from curate.run.ondemand import CAPTION_TABLES, missing_parts
+from curate.run.query import (bundled_filters, declared_params, describe_filter, load_filter, open_filter, parse_value,
                               sandbox_catalog)
 from curate.subset import open_subset, write_records
 from curate.uids import hex_array_to_pairs, hex_array_to_records, pairs_to_hex_array
@@ -39,6 +41,11 @@ CARD_COLUMNS = ["uid", "text", "clip_b32_similarity_score", "clip_l14_similarity
                 "original_width", "original_height", "file", "row"]
 SCORE_COLUMNS = ["clip_l14_similarity_score", "clip_b32_similarity_score"]
 MAX_PAGE = 500
+#: kept samples whose card rows are fetched ahead after each page (one scan of the pool's uid
+#: column finds a window nearly as fast as one page)
+PREFETCH = 240
+#: card rows held for pages (uid -> row; the oldest dropped first)
+CACHED_ROWS = 50_000
 #: pool rows per Arrow batch when the dropped part is streamed
 _STREAM_ROWS = 1 << 16
 
@@ -89,35 +96,57 @@ class Session:
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self.catalog_lock = threading.RLock()
-        self._pool = ThreadPoolExecutor(2, thread_name_prefix="curate-explore")
+        self._pool = ThreadPoolExecutor(2, thread_name_prefix="curate-explore")  # fetches ahead
+        # shard lookups, beside a page's pool query (their own threads: a fetch waits on them)
+        self._locator = ThreadPoolExecutor(2, thread_name_prefix="curate-explore-locate")
         self._locations: dict[str, Location] = {}  # uid -> where, filled by pages (bounded)
+        self._con: duckdb.DuckDBPyConnection | None = None  # the open sandboxed connection (see connection())
+        self._rows: OrderedDict[tuple[int, int], tuple | None] = OrderedDict()  # uid -> card row (None: not in pool)
+        self._fetching: dict[tuple[int, int], Future] = {}  # uid -> the prefetch that is fetching its row
+        if self.reader is not None:  # the shard index's first lookup reads it from disk: not on a page's time
+            self._locator.submit(self.reader.warm)
 
     # -- connections -----------------------------------------------------------------------
 
     def connection(self) -> duckdb.DuckDBPyConnection:
-        """A read-only catalog connection, sandboxed like a filter's; give it back with
-        :meth:`release`. DuckDB shares one database instance among a process's connections to
-        a file, and the sandbox locks that instance's configuration, so connections to the
-        catalog are made one at a time under :attr:`catalog_lock`, each closed before the next
-        (the same lock covers filter runs and neighbour searches, which open their own)."""
+        """The read-only catalog connection, sandboxed like a filter's, held under
+        :attr:`catalog_lock` until :meth:`release`. It stays open between requests (a page does
+        not re-open the catalog). DuckDB shares one database instance among a process's
+        connections to a file, and the sandbox locks that instance's configuration, so it is
+        closed (:meth:`own_connections`) before a filter run, a feature check or a neighbour
+        search opens a connection of its own, under the same lock."""
         self.catalog_lock.acquire()
         try:
-            con = connect(self.catalog)
+            if self._con is None:
+                con = connect(self.catalog)
+                try:
+                    sandbox_catalog(con, self.catalog)
+                except BaseException:
+                    con.close()
+                    raise
+                self._con = con
         except BaseException:
             self.catalog_lock.release()
             raise
-        try:
-            sandbox_catalog(con, self.catalog)
-        except BaseException:
-            self.release(con)
-            raise
-        return con
+        return self._con
 
-    def release(self, con) -> None:
+    def release(self, con, *registered: str) -> None:
+        """Give the connection back, dropping the Arrow tables registered on it."""
         try:
-            con.close()
+            for name in registered:
+                try:
+                    con.unregister(name)
+                except duckdb.Error:
+                    pass
         finally:
             self.catalog_lock.release()
+
+    def own_connections(self) -> None:
+        """Close the held connection (call with :attr:`catalog_lock` held) before code that opens
+        the catalog itself."""
+        if self._con is not None:
+            con, self._con = self._con, None
+            con.close()
 
     # -- filters ---------------------------------------------------------------------------
 
@@ -160,6 +189,7 @@ class Session:
             self._check_features(flt, sets)
             out = self.work / f"{rid}.npy"
             with self.catalog_lock:  # see connection(); one filter at a time uses every DuckDB thread
+                self.own_connections()
                 r = run_filter(flt_path, catalog=self.catalog, out=out, sets=sets)
             records = distinct_sorted(np.asarray(open_subset(r.out)))
             thresholds = [{"score": t["score"], "fraction": t["fraction"],
@@ -185,11 +215,20 @@ class Session:
         params = declared_params(flt, sets) or {}
         for view in views:
             with self.catalog_lock:
-                current = producer(view).is_current(self.catalog, params)
+                self.own_connections()
+                if view in CAPTION_TABLES:  # computed per part and row: there for what this filter reads?
+                    current = not missing_parts(self.catalog, flt, lambda: self._open_prepared(flt, sets))
+                else:
+                    current = producer(view).is_current(self.catalog, params)
             if not current:
                 raise CurateError(f"{flt.path}: feature view {view} is missing or out of date for this catalog; "
                                   f"build it with `curate run {flt.path}` or `curate features` first "
                                   f"(explore never writes to the catalog)")
+
+    def _open_prepared(self, flt, sets: dict):
+        """The filter prepared on a sandboxed read-only connection, nothing built (``(con, query)``)."""
+        opened = open_filter(flt, self.catalog, sets, features=False)
+        return opened.con, opened.query
 
     def compare(self, a: dict, b: dict) -> dict:
         ra, rb = self.run(a), self.run(b)
@@ -220,46 +259,149 @@ class Session:
     def page(self, rid: str, part: str = "kept", offset: int = 0, limit: int = 60, raw: bool = False) -> dict:
         """Rows ``offset..offset+limit`` of a part (kept and compare parts in uid order, dropped in
         pool order): the card columns, and whether the sample's image is in the shards. Values are
-        made JSON-safe (NaN -> None) unless ``raw``."""
+        made JSON-safe (NaN -> None) unless ``raw``.
+
+        A kept page's rows come from one query for the page (with its shard lookup beside it), or
+        from the rows fetched ahead: after each page, the next :data:`PREFETCH` samples' rows are
+        fetched in the background. ``raw`` pages (the CSV export) always query and are not kept."""
         if not 1 <= limit <= MAX_PAGE:
             raise CurateError(f"limit={limit}: must be 1..{MAX_PAGE}")
         if offset < 0:
             raise CurateError(f"offset={offset}: must be >= 0")
         p = self.part(rid, part)
-        cols = ", ".join(f'p."{c}"' for c in CARD_COLUMNS)
-        located = None
-        con = self.connection()
-        try:
-            if p.records is not None:
-                recs = p.records[offset:offset + limit]
-                if self.reader is not None and not raw:  # the shard lookup runs beside the pool query
-                    located = self._pool.submit(self.reader.locate, recs["f0"], recs["f1"])
-                uids = pairs_to_hex_array(recs["f0"], recs["f1"])
-                con.register("page_uids", pa.table({"uid": uids, "k": pa.array(np.arange(len(uids)), pa.int64())}))
-                # the page's uids are consecutive in uid order: the range goes into the parquet
-                # scan as a filter, so only the rows in it reach the join
-                rows = con.execute(
-                    f"SELECT {cols} FROM page_uids w JOIN pool p ON p.uid = w.uid "
-                    f"WHERE p.uid BETWEEN {sql_literal(uids[0].as_py())} AND {sql_literal(uids[-1].as_py())} "
-                    f"QUALIFY row_number() OVER (PARTITION BY w.k ORDER BY p.file, p.\"row\") = 1 ORDER BY w.k"
-                ).fetchall() if len(uids) else []  # literals, not bound: hex we made; binding imports pandas
-                total = p.total
+        if p.records is not None:
+            recs = p.records[offset:offset + limit]
+            if raw:
+                rows = [r for r in self._query_rows(recs) if r is not None]
             else:
+                rows = self._card_rows(recs)
+                self._prefetch(p.records, offset + limit)
+            total = p.total
+        else:
+            cols = ", ".join(f'p."{c}"' for c in CARD_COLUMNS)
+            con = self.connection()
+            try:
                 if p.lookup is None:
                     p.lookup = SortedUids(p.complement_of)
                 rows = self._dropped_rows(con, p.lookup, cols, offset, limit)
                 if p.total is None:
                     p.total = self._dropped_count(con, p.lookup)
                 total = p.total
+            except duckdb.Error as e:
+                raise CurateError(f"{self.catalog}: {_one_line(e)}") from None
+            finally:
+                self.release(con)
+        out = [dict(zip(CARD_COLUMNS, r if raw else [_jsonable(v) for v in r])) for r in rows]
+        if not raw:
+            self._attach_images(out)
+        return {"rid": rid, "part": part, "offset": offset, "limit": limit, "total": total, "rows": out,
+                "shards": self.reader is not None}
+
+    def _query_rows(self, recs: np.ndarray) -> list[tuple | None]:
+        """The card row of each record's uid (its first pool row by file and row; None when the
+        pool does not have it): one query over the pool."""
+        if not len(recs):
+            return []
+        cols = ", ".join(f'p."{c}"' for c in CARD_COLUMNS)
+        uids = pairs_to_hex_array(recs["f0"], recs["f1"])
+        con = self.connection()
+        try:
+            con.register("page_uids", pa.table({"uid": uids, "k": pa.array(np.arange(len(uids)), pa.int64())}))
+            # the records are sorted, so their uids are one range: it goes into the parquet scan
+            # as a filter, and only the rows in it reach the join
+            got = con.execute(
+                f"SELECT w.k, {cols} FROM page_uids w JOIN pool p ON p.uid = w.uid "
+                f"WHERE p.uid BETWEEN {sql_literal(uids[0].as_py())} AND {sql_literal(uids[-1].as_py())} "
+                f"QUALIFY row_number() OVER (PARTITION BY w.k ORDER BY p.file, p.\"row\") = 1"
+            ).fetchall()  # literals, not bound: hex we made; binding imports pandas
         except duckdb.Error as e:
             raise CurateError(f"{self.catalog}: {_one_line(e)}") from None
         finally:
-            self.release(con)
-        out = [dict(zip(CARD_COLUMNS, r if raw else [_jsonable(v) for v in r])) for r in rows]
-        if not raw:
-            self._attach_images(out, located.result() if located is not None else None)
-        return {"rid": rid, "part": part, "offset": offset, "limit": limit, "total": total, "rows": out,
-                "shards": self.reader is not None}
+            self.release(con, "page_uids")
+        out: list[tuple | None] = [None] * len(recs)
+        for k, *row in got:
+            out[k] = tuple(row)
+        return out
+
+    def _fetch(self, recs: np.ndarray) -> dict:
+        """Query the card rows and shard locations of ``recs`` (side by side) and keep them;
+        uid -> row."""
+        located = self._locator.submit(self.reader.locate, recs["f0"], recs["f1"]) if self.reader else None
+        rows = self._query_rows(recs)
+        if located is not None:
+            located = located.result()
+        keys = list(zip(recs["f0"].tolist(), recs["f1"].tolist()))
+        with self._lock:
+            for k, r in zip(keys, rows):
+                self._rows[k] = r
+                self._rows.move_to_end(k)
+            while len(self._rows) > CACHED_ROWS:
+                self._rows.popitem(last=False)
+            if located is not None:
+                self._remember_locations(keys, located)
+        return dict(zip(keys, rows))
+
+    def _card_rows(self, recs: np.ndarray) -> list[tuple]:
+        """The card rows of ``recs`` (uids the pool lacks left out): those fetched ahead, waiting
+        for a fetch under way, and one query for the rest."""
+        keys = list(zip(recs["f0"].tolist(), recs["f1"].tolist()))
+        with self._lock:
+            waits = {self._fetching[k] for k in keys if k not in self._rows and k in self._fetching}
+        for f in waits:
+            try:
+                f.result()
+            except Exception:  # noqa: BLE001 - a failed fetch ahead: the page queries itself below
+                pass
+        with self._lock:
+            have = {k: self._rows[k] for k in keys if k in self._rows}
+        missing = [i for i, k in enumerate(keys) if k not in have]
+        if missing:
+            have.update(self._fetch(recs[missing]))
+        return [have[k] for k in keys if have[k] is not None]
+
+    def settle(self) -> None:
+        """Wait for the fetches ahead under way (the tests and the benchmark use it)."""
+        while True:
+            with self._lock:
+                pending = set(self._fetching.values())
+            if not pending:
+                return
+            for f in pending:
+                try:
+                    f.result()
+                except Exception:  # noqa: BLE001 - a failed fetch ahead is redone by the page that needs it
+                    pass
+
+    def _prefetch(self, records: np.ndarray | None, start: int, n: int = PREFETCH) -> None:
+        """Fetch the rows of ``records[start:start + n]`` in the background, unless they are at
+        hand or on their way."""
+        if records is None or start >= len(records):
+            return
+        recs = records[start:start + n]
+        keys = list(zip(recs["f0"].tolist(), recs["f1"].tolist()))
+        fut: Future = Future()
+        with self._lock:
+            todo = [i for i, k in enumerate(keys) if k not in self._rows and k not in self._fetching]
+            if not todo:
+                return
+            mine = [keys[i] for i in todo]
+            for k in mine:
+                self._fetching[k] = fut
+        sub = recs[todo]
+
+        def job():
+            try:
+                self._fetch(sub)
+                fut.set_result(None)
+            except BaseException as e:  # noqa: BLE001 - handed to the page waiting on it
+                fut.set_exception(e)
+            finally:
+                with self._lock:
+                    for k in mine:
+                        if self._fetching.get(k) is fut:
+                            del self._fetching[k]
+
+        self._pool.submit(job)
 
     @staticmethod
     def _not_kept(batch: pa.Array, kept: "SortedUids") -> np.ndarray:
@@ -301,44 +443,52 @@ class Session:
             n += int(np.count_nonzero(self._not_kept(batch.column(0), kept)))
         return n
 
-    def _attach_images(self, rows: list[dict], found: dict | None = None) -> None:
-        """Mark each row with whether its image is in the shards (``found``: the rows' locations
-        when already looked up) and remember where it is for the image requests that follow."""
+    def _remember_locations(self, keys: list[tuple[int, int]], found: dict) -> None:
+        """Record where each looked-up uid is (None: not in the shards); call under ``_lock``."""
+        if len(self._locations) > 200_000:
+            self._locations.clear()
+        for h, lo_ in keys:
+            self._locations[f"{h:016x}{lo_:016x}"] = found.get((h, lo_))
+
+    def _attach_images(self, rows: list[dict]) -> None:
+        """Mark each row with whether its image is in the shards (looking up the uids whose
+        place is not known yet) and remember where it is for the image requests that follow."""
         if self.reader is None or not rows:
             for r in rows:
                 r["image"] = False
             return
-        good = [r["uid"] for r in rows if isinstance(r["uid"], str) and len(r["uid"]) == 32]
-        try:
-            hi, lo = hex_array_to_pairs(pa.array(good, pa.string()))
-        except CurateError:
-            hi, lo = np.empty(0, np.uint64), np.empty(0, np.uint64)
-            good = []
-        if found is None:
-            found = self.reader.locate(hi, lo)
         with self._lock:
-            if len(self._locations) > 200_000:
-                self._locations.clear()
-            for u, h, lo_ in zip(good, hi.tolist(), lo.tolist()):
-                if (h, lo_) in found:
-                    self._locations[u] = found[(h, lo_)]
-        for r in rows:
-            r["image"] = r["uid"] in self._locations
+            unknown = [r["uid"] for r in rows if isinstance(r["uid"], str) and len(r["uid"]) == 32
+                       and r["uid"] not in self._locations]
+        if unknown:
+            try:
+                hi, lo = hex_array_to_pairs(pa.array(unknown, pa.string()))
+            except CurateError:
+                hi, lo = np.empty(0, np.uint64), np.empty(0, np.uint64)
+            found = self.reader.locate(hi, lo)
+            with self._lock:
+                self._remember_locations(list(zip(hi.tolist(), lo.tolist())), found)
+        with self._lock:
+            for r in rows:
+                r["image"] = self._locations.get(r["uid"]) is not None
 
     def location(self, uid: str) -> Location:
         if self.reader is None:
             raise CurateError("this pool has no shards: metadata only")
-        loc = self._locations.get(uid)
+        with self._lock:
+            known, loc = uid in self._locations, self._locations.get(uid)
         if loc is None:
             try:
                 hi, lo = hex_array_to_pairs(pa.array([uid], pa.string()))
             except CurateError:
                 raise CurateError(f"uid {uid!r}: not a uid (32 hex characters)") from None
-            loc = self.reader.locate(hi, lo).get((int(hi[0]), int(lo[0])))
+            if not known:
+                found = self.reader.locate(hi, lo)
+                with self._lock:
+                    self._remember_locations([(int(hi[0]), int(lo[0]))], found)
+                loc = found.get((int(hi[0]), int(lo[0])))
             if loc is None:
                 raise CurateError(f"uid {uid}: not in the pool's shards")
-            with self._lock:
-                self._locations[uid] = loc
         return loc
 
     def image(self, uid: str, thumb: int | None = None) -> tuple[str, bytes]:
@@ -401,6 +551,7 @@ class Session:
 
             try:
                 with self.catalog_lock:
+                    self.own_connections()
                     hits = nearest(self.catalog, key="l14_img", uid=uid, k=neighbours + 1)
                 out["neighbours"] = [{"uid": h.uid, "score": round(h.score, 4)} for h in hits if h.uid != uid][:neighbours]
                 out["neighbours_key"] = "l14_img"
@@ -436,7 +587,7 @@ class Session:
         except duckdb.Error as e:
             raise CurateError(f"{self.catalog}: {_one_line(e)}") from None
         finally:
-            self.release(con)
+            self.release(con, "kept")
         all_, kept = [0] * bins, [0] * bins
         for i, n, k in rows:
             all_[i] += int(n)
@@ -487,7 +638,7 @@ class Session:
         except duckdb.Error as e:
             raise CurateError(f"{self.catalog}: {_one_line(e)}") from None
         finally:
-            self.release(con)
+            self.release(con, "kept")
         return [{"year": y, "month": m, "samples": int(n), "kept": int(k)} for y, m, n, k in rows]
 
     def keep_rate_png(self, rid: str) -> bytes:
@@ -551,6 +702,9 @@ class Session:
 
     def close(self) -> None:
         self._pool.shutdown()
+        self._locator.shutdown()
+        with self.catalog_lock:
+            self.own_connections()
         if self.reader is not None:
             self.reader.close()
 

@@ -12,11 +12,13 @@ lang_cld3             ``gcld3.NNetLanguageIdentifier(min_num_bytes=0, max_num_by
                       ``.FindLanguage(text.replace('\\n', ' ')).language`` (reliability ignored)
 ====================  ==========================================================================
 
-Everything else -- resumable per-file outputs written atomically, stale detection from the
-source file's identity and the CLD3 settings recorded in each output, one task per stale pool
-file run where the :class:`~curate.engine.Engine` given says (this process, worker processes,
-Ray), no partial table on a NULL or non-UTF-8 caption -- is the shared machinery of
-:func:`curate.features.text.build_table`.
+The table has one part, ``cld3`` (:data:`CLD3_PARTS`, cost 3), which can be computed for some
+rows only (:func:`curate.features.parts.build_parts`, e.g. the rows whose B/32 score passes the
+laion2b threshold); a row not computed is NULL. Everything else -- resumable per-file outputs
+written atomically, stale detection from the source file's identity and the CLD3 settings
+recorded in each output, one task per pool file with work run where the
+:class:`~curate.engine.Engine` given says (this process, worker processes, Ray), no partial table
+on a NULL or non-UTF-8 caption -- is the shared machinery of :mod:`curate.features.parts`.
 """
 
 from __future__ import annotations
@@ -28,8 +30,7 @@ import pyarrow as pa
 
 from curate.engine import Engine
 from curate.features.langid import Cld3LID, cld3_identity
-from curate.features.text import (BuildResult, CaptionTable, CaptionTableProducer, PoolFileRef, build_table,
-                                 per_distinct, write_caption_table)
+from curate.features.parts import BuildResult, CaptionTable, CaptionTableProducer, Part, PoolFileRef, build_table, per_distinct
 
 VIEW = "text_lang_cld3"
 SCHEMA_VERSION = 1
@@ -38,6 +39,10 @@ META_KEY = b"curate.text_lang_cld3"
 OUTPUT_SCHEMA = pa.schema([
     ("uid", pa.string()), ("file", pa.string()), ("row", pa.int64()), ("lang_cld3", pa.string()),
 ])
+
+#: part -> its columns
+CLD3_PARTS: dict[str, tuple[str, ...]] = {"cld3": ("lang_cld3",)}
+PART_COST = {"cld3": 3}
 
 _CLD3 = None
 
@@ -54,15 +59,9 @@ def settings_identity() -> dict:
     return {"schema": SCHEMA_VERSION, "cld3": cld3_identity()}
 
 
-def compute_file(src, file: str, out: Path, settings: dict, source: dict, progress=None,
-                 storage_options: dict | None = None) -> int:
-    """Write the CLD3 labels of one pool file (path or URL) to ``out`` (atomically); returns its
-    row count."""
-    detector = _cld3()
-    return write_caption_table(src, file, out, OUTPUT_SCHEMA, META_KEY,
-                               {"file": file, "source": source, "settings": settings},
-                               lambda texts: {"lang_cld3": per_distinct(detector.labels, texts)}, progress,
-                               storage_options)
+def compute_parts(parts: tuple[str, ...], texts: pa.Array, settings: dict) -> dict[str, pa.Array]:
+    """``lang_cld3`` of a string array without NULLs (once per distinct caption)."""
+    return {"lang_cld3": per_distinct(_cld3().labels, texts)}
 
 
 def _settings(out_dir: Path, files: list[PoolFileRef]) -> dict:
@@ -73,16 +72,22 @@ def _comparable(settings: dict) -> dict:
     return json.loads(json.dumps(settings))
 
 
-TABLE = CaptionTable(VIEW, META_KEY, compute_file, _settings, _comparable, lambda settings: _cld3())
+def part_settings(settings: dict, part: str) -> dict:
+    return {"schema": settings.get("schema"), "cld3": settings.get("cld3")}
+
+
+TABLE = CaptionTable(VIEW, META_KEY, OUTPUT_SCHEMA, SCHEMA_VERSION,
+                     {p: Part(p, cols, PART_COST[p]) for p, cols in CLD3_PARTS.items()},
+                     compute_parts, _settings, _comparable, part_settings, lambda settings, parts: _cld3())
 
 
 def build_text_lang_cld3(catalog=None, progress: bool = True, force: bool = False,
                          engine: Engine | None = None) -> BuildResult:
-    """Compute CLD3 labels for every pool file that lacks current ones; register ``text_lang_cld3``.
+    """Compute CLD3 labels for every pool row that lacks a current one; register ``text_lang_cld3``.
 
-    One task per stale pool file, run where ``engine`` says (None: this machine).
+    One task per pool file with work, run where ``engine`` says (None: this machine).
     """
     return build_table(TABLE, catalog, progress=progress, force=force, engine=engine)
 
 
-PRODUCER = CaptionTableProducer(TABLE, build_text_lang_cld3, lambda s: {"cld3": s["cld3"]})
+PRODUCER = CaptionTableProducer(TABLE, build_text_lang_cld3, lambda s: {"cld3": s["cld3"]} if s.get("cld3") else {})

@@ -38,7 +38,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from duckdb.sqltypes import FLOAT, INTEGER
-from tqdm import tqdm
 
 from curate.atomic import atomic_path, file_sha256, replace_dir, write_json
 from curate.catalog.connection import connect, default_catalog, features_dir, register_parquet_view
@@ -46,6 +45,7 @@ from curate.engine import Engine, map_tasks
 from curate.errors import CurateError
 from curate.features.embeddings import EmbeddingError, iter_batches, pool_dim, pool_embedding_files
 from curate.features.registry import ensure_features
+from curate.progress import Progress
 from curate.safepickle import UnsafePickle, safe_loads
 from curate.subset import NPY_MAGIC
 
@@ -408,7 +408,7 @@ def training_sample(catalog, key: str, sample_ratio: float = -1.0, seed: int = 0
     rng = np.random.default_rng(seed)
     parts = []
     try:
-        for ef in tqdm(files, desc=f"k-means input {key}", unit="file", disable=not progress):
+        for ef in Progress(files, desc=f"k-means input {key}", unit="file", disable=not progress):
             emb = np.concatenate(list(iter_batches(ef, key, dim=dim))) if ef.num_rows else np.empty((0, dim), np.float32)
             if caption_filter:
                 try:

@@ -29,6 +29,7 @@ d_intra, d_inter, probability, quota, cutoff rank).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -228,7 +229,8 @@ def _file_task(catalog: str, clusters: str, settings: dict, file: str, rows: int
             "fraction": pa.array(np.full(rows, settings["fraction"])),
             "temperature": pa.array(np.full(rows, settings["temperature"])),
             "cluster": pa.array(cl.astype(np.int32)), "keep": pa.array(keep)}
-    meta = {"file": file, "rows": rows, "settings": settings, "source": _read_meta_any(src)}
+    meta = {"file": file, "rows": rows, "settings": settings, "source": _read_meta_any(src),
+            "source_identity": _source_identity(Path(src))}
     return write_file_table(Path(out), t.column("uid").combine_chunks(), file, cols, OUTPUT_SCHEMA, META_KEY, meta)
 
 
@@ -239,10 +241,21 @@ def _read_meta_any(src) -> dict | None:
         return None
 
 
+def _source_identity(src: Path) -> dict:
+    """Size and hash of the last 4 KiB of a semdedup table (its parquet footer: metadata, every
+    column's statistics and offsets): a rebuild with other contents has another. Not an mtime,
+    which a copy or a fresh checkout of shipped tables does not keep."""
+    size = src.stat().st_size
+    with open(src, "rb") as fh:
+        fh.seek(max(0, size - 4096))
+        return {"bytes": size, "tail_sha256": hashlib.sha256(fh.read()).hexdigest()}
+
+
 def _current(out: Path, settings: dict, rows: int, src: Path) -> bool:
     meta = read_table_meta(out, META_KEY)
     return bool(meta and meta.get("settings") == settings and meta.get("rows") == rows
-                and meta.get("source") == _read_meta_any(src) and out.stat().st_mtime >= src.stat().st_mtime)
+                and meta.get("source") == _read_meta_any(src) and src.is_file()
+                and meta.get("source_identity") == _source_identity(src))
 
 
 def register(catalog) -> None:

@@ -57,6 +57,7 @@ from curate.features.clusters import load_array_file
 from curate.features.embeddings import EmbeddingError, EmbeddingFile, check_key, iter_batches, pool_embedding_files
 from curate.features.tables import (NamedSet, check_set_name, feature_root, find_named_set, list_named_sets,
                                     npz_identity, read_table_meta, register_file_tables)
+from curate.progress import Progress
 
 VIEW = "eval_neighbors"
 META_KEY = b"curate.eval_neighbors"
@@ -196,7 +197,6 @@ def encode_eval_set(catalog, name: str, tasks, arch: str | None, checkpoint, mod
     ``l14_img``, or ``b32_img`` for a B/32)."""
     import torch  # lazy: optional extra [torch]
     from PIL import Image  # lazy: only encoding decodes images
-    from tqdm import tqdm  # lazy: only encoding shows this bar
 
     from curate.pool.byod import default_embedding, load_model  # lazy: open_clip loading, encoding only
 
@@ -211,7 +211,7 @@ def encode_eval_set(catalog, name: str, tasks, arch: str | None, checkpoint, mod
     model, preprocess, _tok, model_id = load_model(arch, checkpoint, model_config, device)
     key = check_key(key or f"{default_embedding(model_id)}_img")
     parts, labels, keys = [], [], []
-    bar = tqdm(desc=f"decontam encode {name}", unit="image", disable=not progress)
+    bar = Progress(desc=f"decontam encode {name}", unit="image", disable=not progress)  # total: unknown without a scan
     try:
         for task, task_shards in shards:
             batch = []

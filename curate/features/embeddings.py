@@ -26,11 +26,11 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
-from tqdm import tqdm
 
 from curate.atomic import atomic_path
 from curate.catalog.connection import connect, features_dir, resolve_path
 from curate.errors import CurateError
+from curate.progress import Progress
 from curate.subset import read_array_header
 
 #: npz keys DataComp's pools carry, with their documented widths (``dedup``'s is not documented).
@@ -200,7 +200,7 @@ def convert_embeddings(catalog, key: str, progress: bool = True) -> dict:
         else:
             dim = check_npz_member(ef, key, dim)
     todo = [ef for ef in files if not ef.npy.is_file()]
-    for ef in tqdm(todo, desc=f"embeddings {key}", unit="file", disable=not progress):
+    for ef in Progress(todo, desc=f"embeddings {key}", unit="file", disable=not progress):
         convert_file(ef, key, dim)
     return {"key": key, "dim": dim, "files": len(files), "converted": len(todo),
             "rows": sum(ef.num_rows for ef in files),

@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from curate.atomic import atomic_path, write_json
 from curate.catalog.connection import connect, default_catalog, features_dir, register_parquet_view
@@ -34,6 +33,7 @@ from curate.features.clusters import assign_pool, get_cluster_set
 from curate.features.embeddings import (check_key, convert_embeddings, iter_batches, open_npy, pool_dim,
                                pool_embedding_files, row_embedding)
 from curate.errors import CurateError
+from curate.progress import Progress
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 #: samples per near-duplicate step (clusters are packed into steps of at most this many rows)
@@ -85,7 +85,7 @@ def nearest(catalog=None, key: str = "l14_img", vector=None, uid: str | None = N
     best_s = np.empty(0, np.float32)
     best_p = np.empty(0, np.int64)
     offsets, start = [], 0
-    for ef in tqdm(files, desc=f"neighbours {key}", unit="file", disable=not progress):
+    for ef in Progress(files, desc=f"neighbours {key}", unit="file", disable=not progress):
         offsets.append((start, ef))
         pos = start
         for batch in iter_batches(ef, key, dim=dim):
@@ -199,7 +199,8 @@ def near_duplicates(catalog=None, clusters: str = "", threshold: float = 0.95, k
             shutil.rmtree(out_dir)  # other clusters, key or threshold under the same name
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(stamp_path, stamp)
-        for si, (lo, hi) in enumerate(tqdm(steps, desc=f"near-duplicates {name}", unit="step", disable=not progress)):
+        for si, (lo, hi) in enumerate(Progress(steps, desc=f"near-duplicates {name}", unit="step",
+                                               disable=not progress)):
             path = out_dir / f"step-{si:06d}.parquet"
             if path.is_file():
                 continue

@@ -47,6 +47,16 @@ def producer(view: str):
     return getattr(importlib.import_module(module), attr)  # lazy: off `curate run`'s start-up path
 
 
+def part_of_column(view: str, column: str) -> str | None:
+    """The part of caption table ``view`` that computes ``column`` (e.g. ``text_features``,
+    ``lang_fasttext`` -> ``lang``); None for a column of no part (uid, file, row), or a view
+    that is not a caption table built in parts."""
+    if view not in PRODUCERS:
+        return None
+    table = getattr(producer(view), "table", None)
+    return table.part_of(column) if table is not None and hasattr(table, "part_of") else None
+
+
 def referenced_names(sql: str) -> set[str]:
     """Identifiers in a query (tables, views, functions), lower-cased; a cheap over-approximation."""
     return {t.value.lower() for t in tokenize(sql) if t.kind in ("identifier", "keyword") and t.value}
@@ -57,14 +67,17 @@ def needed_producers(sql: str) -> list[str]:
     return [view for view in PRODUCERS if view.lower() in names]
 
 
-def ensure_features(catalog, sql: str, params: dict, progress: bool = True) -> list[str]:
-    """Build every registered feature view ``sql`` references that is missing or stale.
+def ensure_features(catalog, sql: str, params: dict, progress: bool = True, skip=()) -> list[str]:
+    """Build every registered feature view ``sql`` references that is missing or stale (except
+    those in ``skip``, e.g. the caption tables ``curate run`` builds per part and row).
 
     Returns the names of the views it built. Call with no open connection to ``catalog``
     (building opens it read-write).
     """
     built = []
     for view in needed_producers(sql):
+        if view in skip:
+            continue
         p = producer(view)
         if not p.is_current(catalog, params):
             p.build(catalog, params, progress=progress)

@@ -56,12 +56,12 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from PIL import Image
-from tqdm import tqdm
 
 from curate.atomic import atomic_path, write_json
 from curate.catalog.checks import check_can_create, make_dir
 from curate.catalog.schema import POOL_COLUMNS, POOL_SCHEMA
 from curate.errors import CurateError
+from curate.progress import Progress
 from curate.shards.tar import TarWriter
 from curate.uids import hex_array_to_pairs, hex_to_pair
 
@@ -754,7 +754,7 @@ def _write_shards(plan: BuildPlan, shard: int, start_row: int, result: BuildResu
     read and decoded by a thread pool, in table order."""
     samples = ShardSequence(plan, shard, start_row, result)
     total = pq.ParquetFile(plan.table).metadata.num_rows if plan.table.suffix.lower() == ".parquet" else None
-    bar = tqdm(total=total, initial=start_row, unit="row", desc="pool", disable=not progress)
+    bar = Progress(total=total, initial=start_row, unit="row", desc="pool", disable=not progress)
     row = start_row
     try:
         n_workers = workers or min(8, (os.cpu_count() or 1) + 2)

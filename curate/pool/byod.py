@@ -37,7 +37,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
-from tqdm import tqdm
 
 from curate import resources
 from curate.atomic import atomic_path, file_sha256, replace_dir, write_json
@@ -46,6 +45,7 @@ from curate.catalog.schema import POOL_SCHEMA, extra_columns
 from curate.errors import CurateError
 from curate.pool.download import (MANIFEST, SAMPLES_PER_SHARD, STATUS_DIR, DownloadError, check_metadata,
                                   made_by_download, register_status_view, source_metadata_dir)
+from curate.progress import Progress
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 EMBEDDINGS = ("b32", "l14")
@@ -370,7 +370,7 @@ def score_shards(shards_dir: str | os.PathLike, out_metadata_dir: str | os.PathL
         else:
             todo.append(s)
     rows = images = 0
-    for s in tqdm(todo, desc="byod score", unit="shard", disable=not progress):
+    for s in Progress(todo, desc="byod score", unit="shard", disable=not progress):
         r, i = score_shard(s, shards_dir, out_dir, model, preprocess, tokenizer, embedding, batch_size, device,
                            source)
         rows += r

@@ -37,13 +37,13 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from curate.atomic import atomic_path, write_json
 from curate.catalog.connection import catalog_meta, connect, init_catalog, register_parquet_view
 from curate.catalog.schema import POOL_COLUMNS, POOL_SCHEMA, check_columns, extra_columns, read_footer
 from curate.engine import die_with_parent
 from curate.errors import CurateError
+from curate.progress import Progress
 
 #: DataComp's hub repositories per scale (download_upstream.py).
 HUB_REPOS = {
@@ -515,7 +515,7 @@ def update_status(data_dir: Path, md: Metadata, progress: bool = True) -> list[P
     status_dir.mkdir(parents=True, exist_ok=True)
     con = duckdb.connect()
     out = []
-    for shard in tqdm(done_shards(shards_dir), desc="status", unit="shard", disable=not progress):
+    for shard in Progress(done_shards(shards_dir), desc="status", unit="shard", disable=not progress):
         dest = status_dir / f"{shard:08d}.parquet"
         stats = shards_dir / f"{shard:08d}_stats.json"
         if not (dest.is_file() and dest.stat().st_mtime_ns >= stats.stat().st_mtime_ns):
@@ -643,7 +643,7 @@ def write_pool_metadata(data_dir: str | os.PathLike, md: Metadata, progress: boo
     data_dir = Path(data_dir)
     out_dir, shards_dir = data_dir / POOL_METADATA_DIR, data_dir / "shards"
     out_dir.mkdir(parents=True, exist_ok=True)
-    for f in tqdm(md.files, desc="pool metadata", unit="file", disable=not progress):
+    for f in Progress(md.files, desc="pool metadata", unit="file", disable=not progress):
         src = pq.read_schema(f.path)
         extra = [src.field(n) for n in extra_columns(src.names)]
         schema = pa.schema(list(POOL_SCHEMA) + extra)

@@ -94,12 +94,17 @@ def file_keyed_views(con, names) -> list[str]:
     return out
 
 
+def check_variable(name: str, typ: str) -> None:
+    """A variable a worker can re-create with ``SET VARIABLE name = CAST(? AS typ)``, or a CurateError."""
+    if not _IDENT.match(name) or not _TYPE.match(typ):
+        raise CurateError(f"variable {name!r} of type {typ}: cannot be passed to the ray engine's workers")
+
+
 def capture_variables(con) -> list[tuple[str, str, object]]:
     """The connection's variables with their DuckDB types, so a worker gets identical values."""
     out = []
     for name, typ in con.execute("SELECT name, type FROM duckdb_variables() ORDER BY name").fetchall():
-        if not _IDENT.match(name) or not _TYPE.match(typ):
-            raise CurateError(f"variable {name!r} of type {typ}: cannot be passed to the ray engine's workers")
+        check_variable(name, typ)
         value = con.execute("SELECT getvariable(?)", [name]).fetchone()[0]
         out.append((name, typ, value))
     return out

@@ -43,6 +43,7 @@ from curate.catalog.remote import register_catalog_filesystems
 from curate.catalog.schema import POOL_COLUMNS, read_footer
 from curate.errors import CurateError
 from curate.features.registry import ensure_features, needed_producers, producer
+from curate.run.ondemand import CAPTION_TABLES
 from curate.run.thresholds import VARIABLE_PREFIX, extract_fraction_thresholds
 from curate.sqltokens import tokenize
 from curate.subset import subset_to_arrow
@@ -479,22 +480,40 @@ def declared_params(flt: FilterFile, sets: dict | None = None) -> dict | None:
     return _without_catalog(lambda con: _set_parameters(con, flt, sets, {}))
 
 
-def filter_features(catalog, flt: FilterFile, params: dict, progress: bool) -> dict:
+def filter_features(catalog, flt: FilterFile, params: dict, progress: bool,
+                    open_prepared: Callable | None = None, row_level: bool = True, engine=None) -> dict:
     """Build the feature views ``flt`` references that are missing or stale, and describe them
-    for the manifest. Call with no connection to ``catalog`` open (producers write to it)."""
-    built = ensure_features(catalog, flt.text, params, progress=progress)
+    for the manifest. Call with no connection to ``catalog`` open (producers write to it).
+
+    Caption tables (``text_features``, ``text_lang_cld3``) are built per part and, with
+    ``row_level`` and ``open_prepared`` (see :func:`curate.run.ondemand.build_needed`), only for
+    the rows that can pass the filter; otherwise whole columns."""
+    built = ensure_features(catalog, flt.text, params, progress=progress, skip=CAPTION_TABLES)
     features = {}
     for view in needed_producers(flt.text):
+        if view in CAPTION_TABLES:
+            continue
         describe = getattr(producer(view), "describe", None)
         features[view] = {"built_now": view in built, **(describe(catalog, params) if describe else {})}
+    if any(view in CAPTION_TABLES for view in needed_producers(flt.text)):
+        from curate.run.ondemand import build_needed  # lazy: only filters that read caption tables
+
+        parts = build_needed(catalog, flt, open_prepared, row_level=row_level and open_prepared is not None,
+                             progress=progress, engine=engine)
+        for view, now in parts.items():
+            describe = getattr(producer(view), "describe", None)
+            features[view] = {"built_now": any(p["rows_computed_now"] for p in now.values()), "parts_now": now,
+                              **(describe(catalog, params) if describe else {})}
     return features
 
 
-def build_features(catalog, flt: FilterFile, sets: dict, progress: bool = False) -> dict:
+def build_features(catalog, flt: FilterFile, sets: dict, progress: bool = False, *, row_level: bool = True,
+                   storage_options: dict | None = None, engine=None) -> dict:
     """Step 2: the feature views ``flt`` needs, built for its parameters; ``{}`` when it reads
     none. The filter is prepared once without the catalog first (so a bad parameter or subset
     file fails before anything is built); one whose setup needs the catalog is prepared there
-    (a short read-only connection, closed before producers write)."""
+    (a short read-only connection, closed before producers write). Caption tables are computed
+    only for the rows that can pass the filter unless ``row_level`` is false (``--explain``)."""
     if not needed_producers(flt.text):
         return {}
     _check_sets(flt, sets)
@@ -507,7 +526,12 @@ def build_features(catalog, flt: FilterFile, sets: dict, progress: bool = False)
             params = prepare(con, flt, sets)[1]
         finally:
             con.close()
-    return filter_features(catalog, flt, params, progress)
+
+    def open_prepared():
+        opened = open_filter(flt, catalog, sets, features=False, storage_options=storage_options)
+        return opened.con, opened.query
+
+    return filter_features(catalog, flt, params, progress, open_prepared, row_level, engine)
 
 
 @dataclass
@@ -541,7 +565,8 @@ def sandbox_catalog(con, catalog=None) -> None:
 
 def open_filter(filter_path, catalog=None, sets: dict | None = None, *, progress: bool = False,
                 features: bool = True, before_prepare: Callable | None = None,
-                settings: dict | None = None, storage_options: dict | None = None) -> OpenFilter:
+                settings: dict | None = None, storage_options: dict | None = None,
+                row_level: bool = True, engine=None) -> OpenFilter:
     """Steps 1-3: load ``filter_path``, build its feature views (unless ``features=False``),
     connect to ``catalog`` and prepare the filter there once.
 
@@ -559,7 +584,8 @@ def open_filter(filter_path, catalog=None, sets: dict | None = None, *, progress
     sets = sets or {}
     flt = filter_path if isinstance(filter_path, FilterFile) else load_filter(filter_path)
     with storage.options_given(storage_options):  # feature builds read the pool with them too
-        built = build_features(catalog, flt, sets, progress) if features else {}
+        built = (build_features(catalog, flt, sets, progress, row_level=row_level, storage_options=storage_options,
+                                engine=engine) if features else {})
     con = connect(catalog)
     try:
         register_catalog_filesystems(con, storage_options)

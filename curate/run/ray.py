@@ -10,8 +10,13 @@ the local engine's and a manifest with the same keys (plus ``engine``). The step
    the rest is row-local (:mod:`curate.run.plan`); what workers need (:mod:`.partition`).
 2. :func:`_thresholds`: each threshold in three histogram passes over the partitions
    (:mod:`.ray_threshold`); the driver only adds up at most 2,048 counters per partition and pass.
-3. :func:`_partitions`: the query on each pool file with DuckDB, thresholds and parameters as
-   typed variables; a sorted run per file (:mod:`.partition`).
+   :func:`_scalars`: each other whole-pool scalar of the query (an uncorrelated scalar subquery
+   reading ``pool``, :func:`global_scalars`) evaluated once by DuckDB on the driver's catalog
+   connection, its own SQL text, with the thresholds set.
+3. :func:`_partitions`: the query on each pool file with DuckDB, thresholds, scalars and
+   parameters as typed variables; a sorted run per file (:mod:`.partition`). A query that reads
+   no ``pool`` rows at all (``decontaminate.sql``: a subset minus a feature table) and cannot be
+   split runs whole, as one task.
 4. :func:`_assemble`: uid-prefix buckets sorted in parallel, then concatenated (or published as
    a directory of bucket files) (:mod:`.assemble`).
 
@@ -24,6 +29,7 @@ died. The work directory is removed after success unless ``keep_work``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import time
@@ -32,6 +38,8 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
+import sqlglot
+from sqlglot import exp
 
 from curate import __version__, storage
 from curate.catalog.connection import default_catalog
@@ -39,16 +47,18 @@ from curate.engine import Engine, map_tasks
 from curate.engine.ray import EngineError, cluster_cpus, put
 from curate.run.assemble import (bucket_slices, concatenate_buckets, plan_buckets, sort_bucket,
                                  write_bucket_directory)
-from curate.run.partition import (PoolContext, capture_variables, file_keyed_views, filter_partition,
-                                  pool_context, threshold_pass)
+from curate.run.partition import (PoolContext, capture_variables, check_variable, file_keyed_views,
+                                  filter_partition, pool_context, threshold_pass)
 from curate.run.plan import row_local_problem
-from curate.run.query import (FilterError, FilterFile, OpenFilter, check_uid_column, load_filter, one_line,
-                              open_filter)
+from curate.run.query import (FilterError, FilterFile, OpenFilter, check_uid_column, filter_error, load_filter,
+                              one_line, open_filter)
 from curate.run.ray_threshold import PASSES, exact_threshold
 from curate.run.runner import RunResult, default_out, manifest_record
-from curate.run.thresholds import ThresholdCall, extract_fraction_thresholds, mentions_fraction_threshold
+from curate.run.thresholds import (ThresholdCall, extract_fraction_thresholds, mentions_fraction_threshold,
+                                   subquery_spans)
 
 LAYOUTS = ("file", "buckets")
+SCALAR_PREFIX = "__curate_global_scalar_"
 
 
 def run_filter_ray(filter_path, catalog=None, out=None, sets=None, progress=False, *,
@@ -80,13 +90,18 @@ def run_filter_ray(filter_path, catalog=None, out=None, sets=None, progress=Fals
     if storage_options is None:
         storage_options = storage.storage_options_from_env()
 
-    plan = _plan(filter_path, catalog, sets or {}, progress, storage_options)
+    plan = _plan(filter_path, catalog, sets or {}, progress, storage_options, engine)
     work = work_dir or (out.rstrip("/") + ".work")
     run_dir = storage.join(work, plan.fingerprint)
-    engine.start()
     timings: dict = {}
-    with _timed(timings, "threshold_seconds"):
-        thresholds = _thresholds(plan, engine, run_dir, storage_options, progress)
+    try:
+        engine.start()
+        with _timed(timings, "threshold_seconds"):
+            thresholds = _thresholds(plan, engine, run_dir, storage_options, progress)
+        with _timed(timings, "scalars_seconds"):
+            scalars = _scalars(plan, thresholds, run_dir, storage_options)
+    finally:
+        plan.con.close()
     with _timed(timings, "partitions_seconds"):
         markers, resumed = _partitions(plan, engine, run_dir, storage_options, progress, crash_once)
     buckets, count = _assemble(markers, engine, run_dir, out, layout, bucket_records, storage_options, progress,
@@ -102,11 +117,13 @@ def run_filter_ray(filter_path, catalog=None, out=None, sets=None, progress=Fals
         "engine": {
             "name": "ray",
             "address": engine.address,
-            "partitions": len(plan.ctx.files),
+            "partitions": 1 if plan.single_task else len(plan.ctx.files),
             "partitions_resumed": resumed,
             "buckets": len(buckets),
             "layout": layout,
             "thresholds": thresholds,
+            "scalars": scalars,
+            "single_task": plan.single_task,
             "work_dir": run_dir if keep_work else None,
             **timings,
         },
@@ -125,13 +142,17 @@ class _Plan:
     ctx: PoolContext  # shipped to every task
     calls: list[ThresholdCall]
     fractions: dict  # threshold variable -> its fraction
-    worker_query: str  # the filter's own query, fraction_threshold() calls cut out
+    worker_query: str  # the filter's own query, fraction_threshold() calls and global scalars cut out
+    scalars: list[tuple[str, str]]  # (variable, the scalar subquery's SQL on the driver)
+    single_task: str | None  # why the query runs whole, as one task (it reads no pool rows)
     pool_rows: int
     fingerprint: str  # names the work directory: same arguments and inputs, same work
+    con: duckdb.DuckDBPyConnection  # the driver's catalog connection, open until the scalars are known
 
 
-def _open(filter_path, catalog, sets: dict, progress: bool, storage_options) -> OpenFilter:
-    """The filter opened on the catalog, its pool's context (remote files readable) attached."""
+def _open(filter_path, catalog, sets: dict, progress: bool, storage_options, engine=None) -> OpenFilter:
+    """The filter opened on the catalog, its pool's context (remote files readable) attached;
+    the caption features it needs computed as tasks on ``engine`` (the cluster)."""
     flt = load_filter(filter_path)
     for stmt in flt.setup:
         if extract_fraction_thresholds(stmt)[1]:
@@ -144,12 +165,12 @@ def _open(filter_path, catalog, sets: dict, progress: bool, storage_options) -> 
         return ctx
 
     return open_filter(flt, catalog, sets, progress=progress, before_prepare=attach_pool,
-                       storage_options=storage_options)
+                       storage_options=storage_options, engine=engine)
 
 
-def _plan(filter_path, catalog, sets: dict, progress: bool, storage_options) -> _Plan:
+def _plan(filter_path, catalog, sets: dict, progress: bool, storage_options, engine=None) -> _Plan:
     """Step 1, on the driver: open and check the filter, and capture what the workers need."""
-    opened = _open(filter_path, catalog, sets, progress, storage_options)
+    opened = _open(filter_path, catalog, sets, progress, storage_options, engine)
     con, flt, ctx = opened.con, opened.flt, opened.context
     try:
         rewritten, calls = extract_fraction_thresholds(opened.query)
@@ -162,18 +183,106 @@ def _plan(filter_path, catalog, sets: dict, progress: bool, storage_options) -> 
         # the subsets itself); the calls are numbered the same way in both texts
         worker_query, _ = extract_fraction_thresholds(flt.query)
         ctx.partitioned_views = file_keyed_views(con, [v[0] for v in ctx.views])
+        partitioned = ["pool", *ctx.partitioned_views]
         fractions = _fractions(con, flt, calls)
+        for call in calls:
+            if any(_global_scalar(con, call.score_sql, span, partitioned, scalar_position=False)
+                   for span in subquery_spans(call.score_sql)):
+                raise FilterError(f"{flt.path}: the ray engine cannot compute a fraction_threshold() whose score "
+                                  f"reads the whole pool in a subquery; use --engine local")
+        rewritten, worker_query, scalars = global_scalars(con, rewritten, worker_query, partitioned)
         # binds on the sandboxed connection first: a read outside the catalog is named as such
         check_uid_column(con, rewritten, flt.path)
-        problem = row_local_problem(rewritten, ["pool", *ctx.partitioned_views])
+        problem = row_local_problem(rewritten, partitioned)
+        single_task = None
         if problem:
-            raise FilterError(f"{flt.path}: cannot run per pool file on the ray engine: {problem}; "
-                              f"use --engine local")
-        ctx.variables = [v for v in capture_variables(con) if v[0] not in fractions]
-    finally:
+            if _reads_any(rewritten, ["pool"]):
+                raise FilterError(f"{flt.path}: cannot run per pool file on the ray engine: {problem}; "
+                                  f"use --engine local")
+            # no pool rows at all (a subset and feature tables): its size is not the pool's; run it whole
+            single_task = f"the query reads no pool rows and cannot be split ({problem})"
+        variables = {v[0] for v in scalars} | set(fractions)
+        ctx.variables = [v for v in capture_variables(con) if v[0] not in variables]
+        fingerprint = _fingerprint(worker_query, calls, ctx, storage_options, scalars, single_task)
+    except BaseException:
         con.close()
-    return _Plan(flt, opened.params, opened.features, ctx, calls, fractions, worker_query,
-                 sum(int(f[3]) for f in ctx.files), _fingerprint(worker_query, calls, ctx, storage_options))
+        raise
+    return _Plan(flt, opened.params, opened.features, ctx, calls, fractions, worker_query, scalars, single_task,
+                 sum(int(f[3]) for f in ctx.files), fingerprint, con)
+
+
+def global_scalars(con, query: str, worker_query: str, partitioned) -> tuple[str, str, list[tuple[str, str]]]:
+    """Cut every whole-pool scalar subquery out of ``query`` (the driver's text, subsets
+    registered) and of ``worker_query`` (the filter's own text): each becomes
+    ``(SELECT getvariable('__curate_global_scalar_N'))``, declared on ``con`` with the
+    subquery's type.
+
+    A whole-pool scalar is a parenthesised SELECT in an expression (not in FROM, IN, EXISTS,
+    ANY/ALL) that reads ``pool`` or a file-keyed view and binds on its own, i.e. does not refer
+    to the outer query's rows: its value is the same for every row, and it needs every pool
+    file. The two texts differ only in their ``read_subset(...)`` calls, so their subqueries
+    pair up in order. Returns both texts and ``[(variable, subquery SQL of query), ...]``.
+    """
+    spans, worker_spans = subquery_spans(query), subquery_spans(worker_query)
+    if len(spans) != len(worker_spans):
+        return query, worker_query, []  # cannot pair them: nothing cut, the row-local check decides
+    chosen: list[int] = []
+    for i, span in enumerate(spans):
+        if any(spans[j].start <= span.start and span.end <= spans[j].end for j in chosen):
+            continue  # inside one already cut out
+        if _global_scalar(con, query, span, partitioned):
+            chosen.append(i)
+    scalars = []
+    for n, i in enumerate(chosen):
+        var, sql = f"{SCALAR_PREFIX}{n}", query[spans[i].start:spans[i].end]
+        typ = str(con.sql(f"SELECT {sql}").types[0])
+        check_variable(var, typ)
+        con.execute(f"SET VARIABLE {var} = CAST(NULL AS {typ})")  # so that the rewritten query binds
+        scalars.append((var, sql))
+    for n, i in reversed(list(enumerate(chosen))):
+        # still a subquery, as in the local engine's query: a bare constant would be pushed into
+        # the parquet scan, where DuckDB's row-group statistics (NaN left out) can keep a NaN row
+        # that `x = c` evaluated row by row rejects
+        call = f"(SELECT getvariable('{SCALAR_PREFIX}{n}'))"
+        query = query[:spans[i].start] + call + query[spans[i].end:]
+        worker_query = worker_query[:worker_spans[i].start] + call + worker_query[worker_spans[i].end:]
+    return query, worker_query, scalars
+
+
+_NOT_SCALAR_BEFORE = {"in", "exists", "any", "all", "some", "array", "from", "join", "lateral", "as"}
+_PROBE = "__curate_scalar_probe"
+
+
+def _global_scalar(con, sql: str, span, partitioned, scalar_position: bool = True) -> bool:
+    """``sql[span]`` is a scalar subquery (in an expression) that reads a partitioned table and
+    does not refer to the rows of the query around it."""
+    text = sql[span.start:span.end]
+    if not _reads_any(text[1:-1], partitioned):
+        return False
+    if scalar_position:
+        if span.before in _NOT_SCALAR_BEFORE:
+            return False
+        try:  # the span replaced by a column name parses as a column, not as a table
+            probe = sqlglot.parse_one(sql[:span.start] + f" {_PROBE} " + sql[span.end:], read="duckdb")
+        except Exception:  # noqa: BLE001 - sqlglot cannot read it: leave it in the query
+            return False
+        if not any(c.name == _PROBE for c in probe.find_all(exp.Column)):
+            return False
+    try:
+        con.sql(f"SELECT {text}")  # binds alone: no reference to an outer row
+    except duckdb.Error:
+        return False
+    return True
+
+
+def _reads_any(sql: str, names) -> bool:
+    """``sql`` reads one of the tables ``names`` (outside another schema)."""
+    wanted = {n.lower() for n in names}
+    try:
+        tree = sqlglot.parse_one(sql, read="duckdb")
+    except Exception:  # noqa: BLE001 - cannot tell: assume it does
+        return True
+    return any(t.name.lower() in wanted and t.db in ("", "main") for t in tree.find_all(exp.Table))
 
 
 def _fractions(con, flt: FilterFile, calls: list[ThresholdCall]) -> dict:
@@ -194,9 +303,11 @@ def _fractions(con, flt: FilterFile, calls: list[ThresholdCall]) -> dict:
     return fractions
 
 
-def _fingerprint(worker_query: str, calls: list[ThresholdCall], ctx: PoolContext, storage_options) -> str:
+def _fingerprint(worker_query: str, calls: list[ThresholdCall], ctx: PoolContext, storage_options,
+                 scalars: list, single_task: str | None) -> str:
     return hashlib.sha256(json.dumps({
         "curate": __version__, "query": worker_query, "calls": [c.__dict__ for c in calls],
+        "scalars": scalars, "single_task": single_task,
         "variables": ctx.variables, "files": ctx.files, "views": ctx.views, "extra": ctx.extra_columns,
         "partitioned": ctx.partitioned_views,
         "inputs": _identities(_inputs(ctx), storage_options),
@@ -227,12 +338,44 @@ def _thresholds(plan: _Plan, engine: Engine, run_dir: str, storage_options, prog
     return thresholds
 
 
+def _scalars(plan: _Plan, thresholds: dict, run_dir: str, storage_options) -> dict:
+    """Step 2b, on the driver: each whole-pool scalar subquery evaluated once by DuckDB on the
+    catalog connection (its own SQL, the thresholds set as the workers get them), cached for a
+    restarted run; every partition receives it as a typed variable (exact: its VARCHAR form,
+    cast back to its type)."""
+    if not plan.scalars:
+        return {}
+    path = storage.join(run_dir, "scalars.json")
+    if storage.exists(path, storage_options):
+        found = storage.read_json(path, storage_options)
+    else:
+        con = plan.con
+        for var, thr in thresholds.items():
+            con.execute(f"SET VARIABLE {var} = CAST(? AS FLOAT)", [thr["threshold"]])
+        found = {}
+        for var, sql in plan.scalars:
+            try:
+                con.execute(f"SET VARIABLE {var} = {sql}")
+                typ, value = con.execute(f"SELECT type, getvariable('{var}')::VARCHAR FROM duckdb_variables() "
+                                         f"WHERE name = ?", [var]).fetchone()  # value: its VARCHAR form
+            except duckdb.Error as e:
+                raise filter_error(plan.flt.path, e, con) from None
+            found[var] = {"sql": " ".join(sql.split()), "type": typ, "value": value}
+        storage.write_json(path, found, storage_options)
+    for var, got in found.items():
+        check_variable(var, got["type"])
+        plan.ctx.variables.append((var, got["type"], got["value"]))
+    return found
+
+
 def _partitions(plan: _Plan, engine: Engine, run_dir: str, storage_options, progress: bool,
                 crash_once: str | None) -> tuple[list[dict], int]:
     """Step 3: the filter on every pool file without a marker yet. The markers of all files,
-    in file order, and how many were there before this run."""
-    ctx_ref = put(plan.ctx)
-    file_ids = [f[0] for f in plan.ctx.files]
+    in file order, and how many were there before this run. A single-task query runs once,
+    with every feature view whole."""
+    ctx = dataclasses.replace(plan.ctx, partitioned_views=[]) if plan.single_task else plan.ctx
+    ctx_ref = put(ctx)
+    file_ids = [f[0] for f in plan.ctx.files][:1 if plan.single_task else None]
     todo, markers = [], {}
     for fid in file_ids:
         marker_path = storage.join(run_dir, f"part-{fid:05d}.json")

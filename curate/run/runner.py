@@ -24,6 +24,7 @@ import pyarrow as pa
 from curate import __version__
 from curate.atomic import check_output, write_json
 from curate.catalog.connection import default_catalog
+from curate.progress import duckdb_bar
 from curate.run.query import (FilterFile, check_uid_column, filter_error, json_value, locate_bad_uid, open_filter,
                               precompute_thresholds)
 from curate.subset import write_records
@@ -50,23 +51,28 @@ def default_out(filter_path, suffix: str = ".npy") -> Path:
     return Path("subsets") / (Path(filter_path).stem + suffix)
 
 
-def run_filter(filter_path, catalog=None, out=None, sets=None, progress=False, before_fetch=None) -> RunResult:
+def run_filter(filter_path, catalog=None, out=None, sets=None, progress=False, before_fetch=None,
+               row_level: bool = True) -> RunResult:
     """Run ``filter_path`` on ``catalog`` here and write the sorted subset ``out`` plus its manifest.
 
     ``filter_path`` is a file or a bundled filter's name; ``sets`` overrides its parameters.
     (:func:`curate.run.run_filter` is the same call with an engine to choose.)
     ``before_fetch(con, query, opened)``, if given, runs on the prepared, sandboxed connection
-    once the query is checked and before its rows are fetched (``curate run --explain``).
+    once the query is checked and before its rows are fetched (``curate run --explain``), which
+    counts rows per conjunct and so needs whole caption-feature columns: ``row_level=False``
+    (:mod:`curate.run.ondemand`).
     """
     t0 = time.perf_counter()
     catalog = Path(catalog) if catalog else default_catalog()
     out = check_output(Path(out) if out else default_out(filter_path))  # before the work, not after
-    # DuckDB's bar writes to stdout; only show it to a person at a terminal. Let DuckDB's threads
-    # run a couple of batches ahead of the one being parsed (the default buffer of about 1 MB
-    # stalls the query after every batch or so; much larger ones cost more in page faults than
-    # they save: bench/bench_filter.py). Set before the connection is sandboxed and locked.
+    # Feature builds show progress (log lines off a terminal: curate.progress); DuckDB's own bar
+    # draws on stdout, so only at a terminal (duckdb_bar). Let DuckDB's threads run a couple of
+    # batches ahead of the one being parsed (the default buffer of about 1 MB stalls the query
+    # after every batch or so; much larger ones cost more in page faults than they save:
+    # bench/bench_filter.py). Set before the connection is sandboxed and locked.
     opened = open_filter(filter_path, catalog, sets, progress=progress,
-                         settings={"enable_progress_bar": bool(progress), "streaming_buffer_size": "4MB"})
+                         settings={"enable_progress_bar": duckdb_bar(progress), "streaming_buffer_size": "4MB"},
+                         row_level=row_level)
     con, flt = opened.con, opened.flt
     try:
         query, thresholds = precompute_thresholds(con, opened.query)

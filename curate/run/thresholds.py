@@ -4,6 +4,8 @@ The macro is the one whole-pool scalar the baselines need. Both engines cut each
 query and put ``getvariable('__curate_fraction_threshold_N')`` in its place: the local engine
 evaluates the call once, up front (so DuckDB can push ``score >= <constant>`` into the parquet
 scan), the ray engine computes it across partitions (:mod:`curate.run.ray_threshold`).
+:func:`subquery_spans` finds the parenthesised subqueries among which the ray engine looks for
+the other whole-pool scalars (:func:`curate.run.ray.global_scalars`).
 """
 
 from __future__ import annotations
@@ -53,3 +55,27 @@ def extract_fraction_thresholds(sql: str) -> tuple[str, list[ThresholdCall]]:
 
 def mentions_fraction_threshold(sql: str) -> bool:
     return bool(extract_fraction_thresholds(sql)[1])
+
+
+@dataclass(frozen=True)
+class SubquerySpan:
+    start: int  # the opening parenthesis
+    end: int  # just after the closing one
+    before: str | None  # the token before ``(`` (lower-cased name or operator), None at the start
+
+
+def subquery_spans(sql: str) -> list[SubquerySpan]:
+    """Every parenthesised ``(SELECT ...)`` / ``(WITH ...)`` of ``sql``, outer before inner (text
+    order of the opening parentheses). The ray engine looks among them for whole-pool scalars
+    (:func:`curate.run.ray.global_scalars`)."""
+    tokens = tokenize(sql)
+    spans, stack = [], []
+    for k, t in enumerate(tokens):
+        if t.is_op("("):
+            stack.append(k)
+        elif t.is_op(")") and stack:
+            k0 = stack.pop()
+            if k0 + 1 < k and (tokens[k0 + 1].is_name("select") or tokens[k0 + 1].is_name("with")):
+                before = tokens[k0 - 1].value if k0 else None
+                spans.append(SubquerySpan(tokens[k0].start, t.end, before and before.lower()))
+    return sorted(spans, key=lambda s: s.start)

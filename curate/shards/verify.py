@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from tqdm import tqdm
 
 from curate.errors import CurateError
+from curate.progress import Progress
 from curate.shards.index import list_tars
 from curate.shards.plan import present_count
 from curate.shards.reshard import MARKER
@@ -62,7 +62,7 @@ def verify_dir(root: str | os.PathLike, progress: bool = False, inputs=None, cat
     if meta is None and (root / MARKER).is_file():
         rep.problems.append(f"{root}: an unfinished reshard (no meta.json); run the same command again to finish it")
     seen_uid_counts: dict[tuple[int, int], set] = {}
-    for tar in tqdm(tars, desc="verify", unit="tar", disable=not progress):
+    for tar in Progress(tars, desc="verify", unit="tar", disable=not progress):
         _check_tar(tar, sizes, rep, seen_uid_counts)
     if sizes is not None:
         extra = sorted(set(sizes) - {t.name for t in tars})

@@ -34,10 +34,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from curate.atomic import atomic_path
 from curate.catalog.connection import connect, features_dir, register_parquet_view
+from curate.progress import Progress
 from curate.safepickle import safe_load
 from curate.subset import BadSubset, read_subset_header
 from curate.tic import (DATACOMPNET_MAP, MONTHLY_DIR, RETRIEVAL_MAP, YEARLY_DIR, TicError, check_month,
@@ -252,7 +252,7 @@ def attach(catalog, tic_dir, progress: bool = False) -> AttachResult:
         for key in sizes:
             if key not in npys:
                 raise TicError(f"{ydir}: {key}.npy is listed in sizes.json but missing")
-        for stem, p in tqdm(sorted(npys.items()), desc="tic yearly", unit="file", disable=not progress):
+        for stem, p in Progress(sorted(npys.items()), desc="tic yearly", unit="file", disable=not progress):
             if stem not in sizes:
                 raise TicError(f"{p}: year {stem} is not in sizes.json")
             year = int(stem)
@@ -286,7 +286,7 @@ def attach(catalog, tic_dir, progress: bool = False) -> AttachResult:
         if missing:
             raise TicError(f"{mdir}: month {missing[0]} is listed in sizes.json but has no {missing[0]}.npy "
                            f"(nor a {missing[0][:4]}.tar holding it)")
-        bar = tqdm(total=len(have), desc="tic monthly", unit="month", disable=not progress)
+        bar = Progress(total=len(have), desc="tic monthly", unit="month", disable=not progress)
         for p, key in jobs:
             if key not in sizes:
                 raise TicError(f"{p}: month {key} is not in sizes.json")

@@ -39,17 +39,17 @@ from typing import Callable
 import duckdb
 import numpy as np
 import pyarrow as pa
-from tqdm import tqdm
 
 from curate import resources
 from curate.atomic import atomic_path, replace_dir, write_json
 from curate.catalog.connection import connect, shards_dir
 from curate.engine import Engine
+from curate.progress import Progress, duckdb_bar
 from curate.run import RunResult, run_filter
 from curate.run.query import (build_features, check_uid_column, filter_error, load_filter, precompute_thresholds,
                                prepare, sandbox_catalog)
 from curate.subset import NPY_HEADER_LEN, npy_header, subset_to_arrow
-from curate.tic import TicError
+from curate.tic import YEAR_MAX, YEAR_MIN, TicError
 from curate.tic.evalsets import EvalSetResult, reshard_eval_sets
 from curate.uids import SUBSET_DTYPE, pairs_to_hex_array, to_records
 
@@ -170,7 +170,7 @@ def export_splits(catalog, out, filter_path=None, sets: dict | None = None, prog
         raise TicError(f"{catalog}: no {missing[0]} view; run `curate tic attach {catalog} --tic-dir DIR` first")
     res = ExportResult(out, pool_rows=int(con.execute("SELECT sum(num_rows) FROM pool_files").fetchone()[0] or 0))
     keep = ""
-    if progress:
+    if duckdb_bar(progress):  # DuckDB's bar goes to stdout: only at a terminal
         con.execute("SET enable_progress_bar = true")  # before a filter locks the configuration
     if filter_path is not None:
         keep = keep_condition(con, Path(filter_path), sets)
@@ -186,9 +186,10 @@ def export_splits(catalog, out, filter_path=None, sets: dict | None = None, prog
             (res.yearly if key.startswith("yearly") else res.monthly)[key.split("/")[1]] = n
 
     current = None
+    seen: list[int] = []  # the first and last year of any row streamed (training or eval)
     try:
         reader = con.execute(_QUERY.format(keep=keep)).to_arrow_reader(BATCH)
-        bar = tqdm(desc="tic export", unit="row", unit_scale=True, disable=not progress)
+        bar = Progress(desc="tic export", unit="row", unit_scale=True, disable=not progress)
         for batch in reader:
             res.rows_read += batch.num_rows
             bar.update(batch.num_rows)
@@ -198,6 +199,8 @@ def export_splits(catalog, out, filter_path=None, sets: dict | None = None, prog
             hi = np.asarray(cols["hi"].to_numpy(zero_copy_only=False), dtype=np.uint64)
             lo = np.asarray(cols["lo"].to_numpy(zero_copy_only=False), dtype=np.uint64)
             is_eval = np.asarray(cols["is_eval"].to_numpy(zero_copy_only=False), dtype=bool)
+            if len(year):
+                seen = [min(seen[:1] + [int(year.min())]), max(seen[1:] + [int(year.max())])]
             if is_eval.any():
                 idx = np.flatnonzero(is_eval)
                 ev_rec = to_records(hi[idx], lo[idx])
@@ -243,6 +246,10 @@ def export_splits(catalog, out, filter_path=None, sets: dict | None = None, prog
     finally:
         con.close()
 
+    for y in _year_range(seen):  # a year with no training sample: an empty file and 0 (tic plan skips it)
+        if str(y) not in res.yearly:
+            _write_records(out / "yearly" / f"{y}.npy", np.empty(0, SUBSET_DTYPE))
+            res.yearly[str(y)] = 0
     if res.yearly:
         write_json(out / "yearly" / "sizes.json", dict(sorted(res.yearly.items())))
     if res.monthly:
@@ -270,6 +277,18 @@ def export_splits(catalog, out, filter_path=None, sets: dict | None = None, prog
         "elapsed_seconds": round(res.elapsed, 3),
     })
     return res
+
+
+def _year_range(seen: list[int]) -> range:
+    """Every year ``yearly/sizes.json`` lists: from the first to the last year of any streamed
+    row, and from TiC's first year (2014) on when the rows are within TiC's years, so that
+    ``curate tic plan``'s first step (2014..its year) finds a size for each of its years."""
+    if not seen:
+        return range(0)
+    first, last = seen
+    if YEAR_MIN <= first <= YEAR_MAX:
+        first = YEAR_MIN
+    return range(first, last + 1)
 
 
 def _writer(writers: dict, key: str, path: Path) -> SubsetStream:

@@ -132,19 +132,26 @@ def make_plan(strategy: str, steps: list[int], budget: int, sizes: dict, *, size
         return {"role": role, "years": [y], "dir": f"{splits_root}/{y}", "subset": f"yearly/{y}.npy",
                 "available": size[y], "fraction": 1.0, "samples": size[y]}
 
+    def splits(ys: list[int], role: str) -> list[dict]:
+        return [split(y, role) for y in ys if size[y]]  # a year with no samples has nothing to train on
+
+    for name, g, n in zip(steps, groups, step_size):
+        if not n:
+            raise TicError(f"step {name} (years {g[0]}..{g[-1]}): no training samples in {sizes_source} "
+                           f"(every year's size is 0); choose other --steps")
     plan_steps = []
     if strategy == "oracle":
         years = [y for g in groups for y in g]
-        data = [split(y, "new") for y in years]
+        data = splits(years, "new")
         plan_steps.append(_step(0, str(steps[-1]), years, data, "scratch", None, warmup,
                                 budget * len(steps), scale, run_dir))
     for t, (name, years) in enumerate(zip(steps, groups), start=1):
         if strategy == "oracle":
             break
-        data = [split(y, "new") for y in years]
+        data = splits(years, "new")
         warm = strategy not in ("restart",) and t > 1
         if strategy in ("cumulative-all", "restart"):
-            data = [split(y, "old") for g in groups[: t - 1] for y in g] + data
+            data = splits([y for g in groups[: t - 1] for y in g], "old") + data
         elif strategy in ("cumulative-exp", "cumulative-equal"):
             b = step_size[t - 1] if buffer is None else buffer
             for k, share in enumerate(buffer_shares(strategy, t), start=1):

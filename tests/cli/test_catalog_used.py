@@ -49,7 +49,7 @@ def _invoke(args, env=None):
 #: (command line without -c, the line that names the bundled example)
 BUNDLED_CASES = [
     (["catalog", "info"], f"catalog: {BUNDLED}\n"),
-    (["clusters", "list"], f"0 cluster set(s) in catalog {BUNDLED}\n"),
+    (["clusters", "list"], f"1 cluster set(s) in catalog {BUNDLED}\n"),  # the stand-in sample_k16
     (["embeddings", "neighbors", "--uid", FIRST_UID, "-k", "2", "--key", "b32_img"],
      f"2 neighbours in @s on catalog {BUNDLED}\n"),
 ]
@@ -90,7 +90,7 @@ def test_writing_commands_name_the_environment_catalog(copy, tmp_path, ray_sessi
         (["clusters", "build", "--name", "t", "--key", "b32_img", "--k", "4", "--niter", "2"],
          f"in @s on catalog {named}\n"),
         (["clusters", "targets", "--name", "t", "--targets", targets], f"in @s on catalog {named}\n"),
-        (["clusters", "list"], f"1 cluster set(s) in catalog {named}\n"),
+        (["clusters", "list"], f"2 cluster set(s) in catalog {named}\n"),  # sample_k16 and t
         (["embeddings", "dedup", "--clusters", "t", "--threshold", "0.99"], f"on catalog {named}\n"),
         (["ray", "features-text", "--force"], f"on catalog {named}\n"),
         (["catalog", "info"], f"catalog: {named}\n"),

@@ -4,6 +4,7 @@ them). A missing browser is a failure, never a skip."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -32,13 +33,12 @@ def get_json(url: str):
         return json.loads(r.read())
 
 
-@pytest.fixture(scope="module")
-def explorer(tmp_path_factory):
-    """Base URL of `curate explore CATALOG --port P` started from an empty directory."""
-    cwd = tmp_path_factory.mktemp("explore-cwd")
+@contextlib.contextmanager
+def serve(catalog: Path, cwd: Path):
+    """Base URL of `curate explore CATALOG --port P` started from ``cwd``, stopped on exit."""
     port = free_port()
     log = open(cwd / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "curate", "explore", str(CATALOG), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "curate", "explore", str(catalog), "--port", str(port)],
                             cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -51,10 +51,19 @@ def explorer(tmp_path_factory):
                 proc.kill()
                 pytest.fail(f"curate explore did not start: {(cwd / 'server.log').read_text()[-2000:]}")
             time.sleep(0.2)
-    yield base
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
+    try:
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def explorer(tmp_path_factory):
+    """Base URL of `curate explore CATALOG --port P` started from an empty directory."""
+    with serve(CATALOG, tmp_path_factory.mktemp("explore-cwd")) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")

@@ -249,3 +249,80 @@ def test_cli_warns_off_loopback(monkeypatch):
     assert r.exit_code == 0
     assert "warning: --host 0.0.0.0: the explorer is reachable from other machines" in r.output
     assert calls == [(CATALOG, "127.0.0.1", 8801), (None, "127.0.0.1", 8802), (CATALOG, "0.0.0.0", 8765)]
+
+
+def pool_cards() -> dict[str, dict]:
+    """uid -> its first pool row (files by name, rows in order), read with pyarrow."""
+    out = {}
+    for f in sorted((REPO / "data" / "sample_pool" / "metadata").glob("*.parquet")):
+        for i, r in enumerate(pq.read_table(f, columns=["uid", "text"]).to_pylist()):
+            out.setdefault(r["uid"], {**r, "file": f.stem, "row": i})
+    return out
+
+
+@pytest.fixture
+def fresh(tmp_path):
+    s = Session(CATALOG, tmp_path)
+    yield s, TestClient(create_app(s))
+    s.close()
+
+
+def test_pages_are_fetched_ahead_on_one_open_connection(fresh, monkeypatch):
+    """Each page fetches the next kept samples' rows in the background: the pages after it query
+    nothing. The catalog is opened once, not per page."""
+    import curate.explore.session as session_mod
+    from curate.explore.session import PREFETCH
+
+    s, client = fresh
+    rid = client.post("/api/run", json={"filter": "clip_score_l14_30pct"}).json()["rid"]
+    kept = read_uids(s.export_subset(rid))  # sorted by uid: the kept grid's order
+    cards, in_tars = pool_cards(), sample_ranges()
+    s.settle()
+    queried, opened = [], []
+    query_rows, connect = s._query_rows, session_mod.connect
+    monkeypatch.setattr(s, "_query_rows", lambda recs: queried.append(len(recs)) or query_rows(recs))
+    monkeypatch.setattr(session_mod, "connect", lambda *a, **k: opened.append(a) or connect(*a, **k))
+    assert len(kept) > PREFETCH + 100
+    for offset in (0, 24, 48):  # the first page queries its rows, the next ones were fetched ahead
+        page = client.get(f"/api/page?rid={rid}&part=kept&offset={offset}&limit=24").json()
+        s.settle()
+        assert [(r["uid"], r["text"], r["file"], r["row"]) for r in page["rows"]] == \
+            [(u, cards[u]["text"], cards[u]["file"], cards[u]["row"]) for u in kept[offset:offset + 24]]
+        assert [r["image"] for r in page["rows"]] == [u in in_tars for u in kept[offset:offset + 24]]
+    # page 0: its 24 rows, then 24..264 ahead; pages 24 and 48: only the 24 more rows ahead each
+    assert queried == [24, PREFETCH, 24, 24]
+    far = PREFETCH + 72  # past everything fetched ahead: the page queries its own rows first
+    page = client.get(f"/api/page?rid={rid}&part=kept&offset={far}&limit=30").json()
+    s.settle()
+    assert [r["uid"] for r in page["rows"]] == kept[far:far + 30]
+    assert queried[4:] == [30, PREFETCH]
+    assert client.get(f"/api/hist/{rid}/clip_l14_similarity_score").status_code == 200
+    assert len(opened) == 1  # pages, fetches ahead and a histogram share the connection the first page opened
+
+
+def test_caption_features_built_on_demand_are_enough_when_they_cover_the_filter(make_catalog, tmp_path):
+    """`curate run laion2b` computes CLD3 only for rows whose B/32 score passes 0.28
+    (curate.run.ondemand); explore then runs laion2b as it is, but refuses a lower threshold that
+    needs rows not computed yet (running it would write the table)."""
+    from curate.run.runner import run_filter
+
+    rows = [{"uid": uid_of(i), "text": t, "clip_b32_similarity_score": s}
+            for i, (t, s) in enumerate([("a brown dog playing in the park", 0.3), ("the cat sat on the mat", 0.1),
+                                        ("ein kleiner Hund spielt im Garten", 0.5), ("a red car on the road", 0.29)])]
+    cat = make_catalog([rows])
+    run_filter(REPO / "filters" / "laion2b.sql", catalog=cat, out=tmp_path / "cli.npy")
+    before = sorted((p.relative_to(cat.parent), p.stat().st_mtime_ns) for p in cat.parent.rglob("*") if p.is_file())
+    (tmp_path / "work").mkdir()
+    s = Session(cat, tmp_path / "work")
+    client = TestClient(create_app(s))
+    try:
+        r = client.post("/api/run", json={"filter": "laion2b"})
+        assert r.status_code == 200, r.json()
+        assert r.json()["count"] == 2 == len(read_uids(tmp_path / "cli.npy"))  # the dog and the car
+        r = client.post("/api/run", json={"filter": "laion2b", "sets": {"threshold": "0.05"}})
+        assert r.status_code == 400
+        assert "text_lang_cld3 is missing or out of date" in r.json()["error"]
+    finally:
+        s.close()
+    after = sorted((p.relative_to(cat.parent), p.stat().st_mtime_ns) for p in cat.parent.rglob("*") if p.is_file())
+    assert after == before

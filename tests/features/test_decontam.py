@@ -324,12 +324,13 @@ def test_the_commands_of_this_page(tmp_path, monkeypatch):
     assert sorted(read_uids(tmp_path / "subsets" / "clean.npy")) == sorted(uid_of(i) for i in range(12)
                                                                            if i not in (2, 5, 9))
 
-def test_the_ray_engine_refuses_the_filter_with_a_reason():
-    """An anti-join on eval_neighbors cannot run one pool file per task (the filter says so)."""
+def test_the_filter_cannot_run_per_pool_file():
+    """An anti-join on eval_neighbors cannot run one pool file per task: the ray engine runs it
+    whole, as one task (the filter says so; tests/run/test_ray_global.py)."""
     from curate.run.plan import row_local_problem
     from curate.run.query import load_filter
 
     flt = load_filter(FILTER)
     problem = row_local_problem(flt.query, ["pool", "eval_neighbors"])
     assert problem == "the driving table is used inside Exists"
-    assert "the ray engine refuses it" in FILTER.read_text()
+    assert "the ray engine runs it whole, as one task" in FILTER.read_text()

@@ -164,12 +164,6 @@ def test_run_builds_the_tables_and_keeps_what_numpy_keeps(gen, tmp_path, ray_ses
     for name in ("negcliploss_30pct", "normsim_inf", "negcliploss_normsim"):
         out[name] = run_filter(FILTERS / f"{name}.sql", catalog=gen, out=tmp_path / f"{name}.npy", sets=SMALL
                                if name != "normsim_inf" else None)
-        if name == "negcliploss_normsim":
-            # the second step ranks within the first step's rows: the ray engine refuses, with the reason
-            with pytest.raises(CurateError, match="cannot run per pool file on the ray engine.*use --engine local"):
-                run_any(FILTERS / f"{name}.sql", catalog=gen, out=tmp_path / f"{name}-ray.npy", sets=SMALL,
-                        engine=Engine("ray", address=ray_session))
-            continue
         ray = run_any(FILTERS / f"{name}.sql", catalog=gen, out=tmp_path / f"{name}-ray.npy",
                       sets=SMALL if name != "normsim_inf" else None, engine=Engine("ray", address=ray_session))
         assert filecmp.cmp(tmp_path / f"{name}.npy", tmp_path / f"{name}-ray.npy", shallow=False), name

@@ -32,7 +32,9 @@ FILTERS = sorted((REPO / "filters").glob("*.sql"))
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
-    """3 pool files x 400 rows with embeddings, text features and a cluster set 'xlarge'."""
+    """3 pool files x 400 rows with embeddings, text features, a cluster set 'xlarge', a target
+    set 'in1k', an eval set 'evals' (copies of 5 pool images, for decontaminate) and
+    ``subsets/subset.npy`` (every pool uid) beside the catalog."""
     from curate.pool.sample import generate_pool
 
     root = tmp_path_factory.mktemp("raypool")
@@ -50,28 +52,38 @@ def pool(tmp_path_factory):
         C.import_cluster_set(cat, "xlarge", root / "centroids.npy", [root / "targets.npy"])
         import_target_set(cat, "in1k", [root / "targets.npy"])  # NormSim's target set
         build_text_features(cat, engine=Engine(workers=1), progress=False)
+        from curate.features.decontam import import_eval_set
+
+        first = sorted((root / "pool" / "metadata").glob("*.npz"))[0]
+        with np.load(first) as z:
+            np.save(root / "evals.npy", z["l14_img"][[3, 50, 51, 200, 399]].astype(np.float32))
+        import_eval_set(cat, "evals", root / "evals.npy")
+        run_filter(REPO / "filters" / "no_filter.sql", catalog=cat, out=root / "subsets" / "subset.npy")
     except ImportError as e:  # the text/embed extras are missing: filters needing them fail below
         print(f"feature producers unavailable: {e}")
     return cat
 
 
-#: filters whose second step ranks within the first step's rows: local engine only (they say so,
-#: tests/run/test_negcliploss_normsim_filters.py); decontaminate, an anti-join on eval_neighbors
-#: (tests/features/test_decontam.py)
-WHOLE_POOL = {"negcliploss_normsim", "decontaminate"}
-PER_FILE = [f for f in FILTERS if f.stem not in WHOLE_POOL]
+#: every bundled filter runs on both engines; decontaminate reads a subset relative to the catalog here
+SETS = {"decontaminate": {"subset": "subsets/subset.npy", "threshold": 0.99}}
+#: filters that read no pool rows run whole, as one task (curate.run.ray: single_task)
+SINGLE_TASK = {"decontaminate"}
 
 
-@pytest.mark.parametrize("flt", PER_FILE, ids=[f.stem for f in PER_FILE])
-def test_every_baseline_filter_is_byte_identical(ray_session, pool, tmp_path, flt):
+@pytest.mark.parametrize("flt", FILTERS, ids=[f.stem for f in FILTERS])
+def test_every_baseline_filter_is_byte_identical(ray_session, pool, tmp_path, flt, monkeypatch):
     from curate.run.ray import run_filter_ray
 
-    local = run_filter(flt, catalog=pool, out=tmp_path / "local.npy")
-    res = run_filter_ray(flt, catalog=pool, out=tmp_path / "ray.npy", bucket_records=97)
+    monkeypatch.chdir(Path(pool).parent)
+    sets = SETS.get(flt.stem)
+    local = run_filter(flt, catalog=pool, out=tmp_path / "local.npy", sets=sets)
+    res = run_filter_ray(flt, catalog=pool, out=tmp_path / "ray.npy", bucket_records=97, sets=sets)
     assert filecmp.cmp(tmp_path / "local.npy", tmp_path / "ray.npy", shallow=False)
     assert (res.count, res.distinct, res.pool_rows) == (local.count, local.distinct, local.pool_rows)
     man = json.loads((tmp_path / "ray.json").read_text())
-    assert man["engine"]["partitions"] == 3 and man["engine"]["buckets"] > 1
+    single = flt.stem in SINGLE_TASK
+    assert man["engine"]["partitions"] == (1 if single else 3) and man["engine"]["buckets"] > 1
+    assert bool(man["engine"]["single_task"]) == single
     assert not (tmp_path / "ray.npy.work").exists()  # work removed after success
 
 

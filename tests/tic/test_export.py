@@ -284,3 +284,42 @@ def test_year_intersect_real_basic_filter(make_catalog, tmp_path, chdir_tmp):
         assert (got == want).all() and len(got) == len(want)
         run_filter(TIC / "year_basic.sql", catalog=cat, out=tmp_path / "yb.npy", sets={"year": int(y)})
         assert (np.load(tmp_path / "yb.npy") == want).all()
+
+
+def test_years_without_training_samples_get_size_zero_and_plan_skips_them(make_catalog, tmp_path):
+    """A pool where 2015 holds only eval uids and 2017 nothing at all: export records both as 0
+    (with an empty file, so the export stays attachable) and `tic plan` leaves them out."""
+    from curate.tic.plan import make_plan
+    from tests.tic.test_attach import expected
+
+    role = {u: expected(u) for u in pool_uids(700)}
+    uids = [u for u, (m, task, _) in role.items() if m // 100 != 2017 and (m // 100 != 2015 or task)]
+    assert any(role[u][0] // 100 == 2015 for u in uids)  # 2015 is there, as eval uids only
+    cat = make_catalog([[{"uid": u} for u in uids]])
+    make_tic_artifacts(cat, tmp_path / "a")
+    attach(cat, tmp_path / "a")
+    export_splits(cat, tmp_path / "o")
+    want = {str(y): sum(1 for u in uids if role[u][0] // 100 == y and role[u][1] is None) for y in range(2014, 2023)}
+    assert want["2015"] == want["2017"] == 0 and all(want[str(y)] for y in (2014, 2016, 2018, 2022))
+    sizes = json.loads((tmp_path / "o" / "yearly" / "sizes.json").read_text())
+    assert sizes == want
+    for y in ("2015", "2017"):
+        empty = np.load(tmp_path / "o" / "yearly" / f"{y}.npy")
+        assert empty.dtype == np.dtype("u8,u8") and len(empty) == 0
+    # the export is a valid TiC yearly dir: attach reads it back (count = sizes.json entry)
+    (tmp_path / "back" / YEARLY_DIR).mkdir(parents=True)
+    for f in (tmp_path / "o" / "yearly").iterdir():
+        shutil.copy(f, tmp_path / "back" / YEARLY_DIR / f.name)
+    attach(make_catalog([[{"uid": u} for u in uids]]), tmp_path / "back")
+    table = [  # (strategy, steps, the years each step trains on: new/old/replay entries)
+        ("sequential", [2016, 2018], [[2014, 2016], [2018]]),
+        ("cumulative-all", [2016, 2018], [[2014, 2016], [2014, 2016, 2018]]),
+        ("cumulative-exp", [2015, 2017, 2018], [[2014], [2014, 2015, 2016], [2014, 2015, 2016, 2017, 2018]]),
+        ("oracle", [2016, 2018], [[2014, 2016, 2018]]),
+    ]
+    for strategy, steps, years in table:
+        p = make_plan(strategy, steps, 100, sizes)
+        assert [sorted({y for d in s["data"] for y in d["years"]}) for s in p["steps"]] == years, strategy
+        assert all(d["samples"] > 0 for s in p["steps"] for d in s["data"]), strategy
+    with pytest.raises(CurateError, match=r"step 2017 \(years 2017..2017\): no training samples"):
+        make_plan("sequential", [2016, 2017], 100, sizes)

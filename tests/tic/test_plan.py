@@ -182,3 +182,48 @@ def test_first_year_for_other_timestamped_pools():
         parse_steps("2003,2008", first_year=2004)
     with pytest.raises(TicError, match="out of range"):
         parse_steps("2008,2010")  # TiC-DataComp's range without --first-year
+
+
+# Years with no training samples (size 0, as `curate tic export` records them): worked by hand.
+# years 2014 2015 2016 2017 2018; sizes 100 0 200 0 400.
+GAPS = {"2014": 100, "2015": 0, "2016": 200, "2017": 0, "2018": 400}
+
+
+@pytest.mark.parametrize("strategy, steps, want", [
+    # [[(years, role, samples), ...] per step]: zero-size years are left out of every mixture
+    ("sequential", [2016, 2018], [[((2014,), "new", 100), ((2016,), "new", 200)], [((2018,), "new", 400)]]),
+    ("cumulative-all", [2016, 2018], [[((2014,), "new", 100), ((2016,), "new", 200)],
+                                      [((2014,), "old", 100), ((2016,), "old", 200), ((2018,), "new", 400)]]),
+    ("restart", [2015, 2018], [[((2014,), "new", 100)],
+                               [((2014,), "old", 100), ((2016,), "new", 200), ((2018,), "new", 400)]]),
+    # step 2 (2017..2018) has 400 new samples: B = 400, all of it to step 1, capped at its 300
+    ("cumulative-exp", [2016, 2018], [[((2014,), "new", 100), ((2016,), "new", 200)],
+                                      [((2014, 2015, 2016), "replay", 300), ((2018,), "new", 400)]]),
+    ("oracle", [2016, 2018], [[((2014,), "new", 100), ((2016,), "new", 200), ((2018,), "new", 400)]]),
+    # a step whose every year is empty: refused in one line
+    ("sequential", [2016, 2017, 2018], "step 2017 (years 2017..2017): no training samples"),
+    ("oracle", [2016, 2017, 2018], "step 2017 (years 2017..2017): no training samples"),
+])
+def test_zero_size_years_are_skipped(strategy, steps, want):
+    if isinstance(want, str):
+        with pytest.raises(TicError, match=want.replace("(", r"\(").replace(")", r"\)")) as e:
+            make_plan(strategy, steps, 1000, GAPS)
+        assert "\n" not in str(e.value)
+        return
+    p = make_plan(strategy, steps, 1000, GAPS)
+    got = [[(tuple(d["years"]), d["role"], d["samples"]) for d in s["data"]] for s in p["steps"]]
+    assert got == want
+    for s in p["steps"]:
+        assert all(d["samples"] > 0 for d in s["data"])
+        assert sum(d["probability"] for d in s["data"]) == pytest.approx(1.0)
+    assert p["sizes"] == {k: v for k, v in GAPS.items() if int(k) <= steps[-1]}
+
+
+def test_cli_plan_refuses_an_empty_step(tmp_path):
+    (tmp_path / "yearly").mkdir()
+    (tmp_path / "yearly" / "sizes.json").write_text(json.dumps({"2014": 0, "2015": 0, "2016": 5}))
+    r = CliRunner().invoke(main, ["tic", "plan", "--strategy", "sequential", "--steps", "2015,2016",
+                                  "--sizes", str(tmp_path), "--out", str(tmp_path / "p.json")])
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert r.output.startswith("error: step 2015 (years 2014..2015): no training samples in ")
+    assert not (tmp_path / "p.json").exists()

@@ -1,7 +1,7 @@
 // curate explore: plain JavaScript over the JSON API of curate/explore/app.py (no build step).
 "use strict";
 const PAGE = 24;
-const state = { info: null, filters: [], rid: null, part: "kept", offset: 0, total: 0 };
+const state = { info: null, filters: [], rid: null, result: null, histFor: null, part: "kept", offset: 0, total: 0 };
 
 const $ = (sel, root = document) => root.querySelector(sel);
 const el = (tag, attrs = {}, text) => {
@@ -34,6 +34,8 @@ function fmt(x, digits = 3) {
 function showTab(name) {
   for (const p of document.querySelectorAll(".panel")) p.hidden = p.id !== name;
   for (const t of document.querySelectorAll(".tab")) t.classList.toggle("active", t.dataset.tab === name);
+  // histograms scan the whole pool: drawn when first looked at, never before the grid's page
+  if (name === "histograms" && state.result && state.histFor !== state.rid) drawHistograms(state.result);
 }
 
 // -- sources: a bundled filter, an own filter file, a typed query, a subset file ----------
@@ -119,7 +121,8 @@ async function runQuery() {
     $("#export-csv").href = `/api/export/${r.rid}/kept.csv`;
     state.part = $("#part-select").value = "kept";
     state.offset = 0;
-    drawHistograms(r);
+    state.result = r;
+    state.histFor = null;
     showTab("samples");
     await loadPage();
   } catch (e) {
@@ -219,13 +222,42 @@ async function runCompare() {
 
 // -- histograms ----------------------------------------------------------------------------
 function drawHistograms(r) {
+  state.histFor = r.rid;
   const box = $("#hist-plots");
   box.innerHTML = "";
   $("#hist-note").textContent = `${r.label}: pool (grey) with the kept part overlaid, dashed: thresholds`;
   for (const col of ["clip_l14_similarity_score", "clip_b32_similarity_score"]) {
     if (state.info.columns.includes(col)) box.append(el("img", { id: "hist-" + col, src: `/api/hist/${r.rid}/${col}.png`, alt: col }));
   }
-  if (state.info.timesplit) box.append(el("img", { id: "keep-rate", src: `/api/keep-rate/${r.rid}.png`, alt: "keep rate" }));
+  if (state.info.timesplit) {
+    box.append(el("img", { id: "keep-rate", src: `/api/keep-rate/${r.rid}.png`, alt: "keep rate" }));
+    keepRateTable(r.rid);
+  }
+}
+
+// TiC catalogs: samples and kept samples per year and month, as a table beside the plot
+async function keepRateTable(rid) {
+  const t = $("#keep-rate-table");
+  t.hidden = true;
+  t.removeAttribute("data-rid");
+  t.innerHTML = "";
+  try {
+    const rows = await api(`/api/keep-rate/${rid}`);
+    if (state.histFor !== rid) return;
+    const head = el("tr");
+    for (const h of ["year", "month", "samples", "kept", "keep rate"]) head.append(el("th", {}, h));
+    t.append(head);
+    for (const r of rows) {
+      const tr = el("tr", { class: "keep-rate-row", "data-year": r.year, "data-month": r.month === null ? "" : r.month,
+        "data-samples": r.samples, "data-kept": r.kept });
+      const pct = r.samples ? (100 * r.kept / r.samples).toFixed(2) + "%" : "-";
+      tr.append(el("td", {}, String(r.year)), el("td", {}, r.month === null ? "-" : String(r.month).padStart(2, "0")),
+        el("td", {}, r.samples.toLocaleString("en")), el("td", {}, r.kept.toLocaleString("en")), el("td", { class: "rate" }, pct));
+      t.append(tr);
+    }
+    t.hidden = false;
+    t.dataset.rid = rid;
+  } catch (e) { showError(e.message); }
 }
 
 // -- start ---------------------------------------------------------------------------------

@@ -33,13 +33,13 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
-from tqdm import tqdm
 
 from curate.atomic import replace_dir, write_json
 from curate.catalog.checks import check_can_create
 from curate.catalog.connection import CatalogError, connect, default_catalog, sql_identifier
 from curate.errors import CurateError
 from curate.pool.build import TIME_COLUMN
+from curate.progress import Progress
 from curate.subset import write_subset
 
 #: TiC-YFCC15M's four year groups (``tic-yfcc15m/create_splits.py``), by upload year.
@@ -207,7 +207,7 @@ def _export(catalog, out: Path, progress: bool) -> dict:
         except duckdb.CatalogException:
             raise PeriodError(f"{catalog or default_catalog()}: no period_split view (create it with "
                               f"`curate pool timesplit`)") from None
-        for period in tqdm(periods, desc="periods", unit="period", disable=not progress):
+        for period in Progress(periods, desc="periods", unit="period", disable=not progress):
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", period):
                 raise PeriodError(f"period {period!r} cannot be a directory name")
             for split in ("train", "test"):

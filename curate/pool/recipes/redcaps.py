@@ -24,11 +24,11 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from curate.atomic import atomic_path, write_json
 from curate.errors import CurateError
 from curate.pool.build import SOURCE_DIR, BuildResult, build_pool
+from curate.progress import Progress
 
 YEARS = (2017, 2018, 2019, 2020)
 
@@ -101,7 +101,7 @@ def prepare_table(annotations: str | os.PathLike, dest: str | os.PathLike, years
             return done["counts"]
     counts: dict[str, int] = {}
     with atomic_path(dest) as tmp, pq.ParquetWriter(tmp, TABLE_SCHEMA) as writer:
-        for year, path in tqdm(files, desc="redcaps annotations", unit="file", disable=not progress):
+        for year, path in Progress(files, desc="redcaps annotations", unit="file", disable=not progress):
             table = pa.table(_rows(path, year), schema=TABLE_SCHEMA)
             writer.write_table(table)
             counts[str(year)] = counts.get(str(year), 0) + table.num_rows

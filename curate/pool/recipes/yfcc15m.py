@@ -27,12 +27,12 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from curate.atomic import atomic_path, write_json
 from curate.errors import CurateError
 from curate.pool.build import SOURCE_DIR, BuildResult, build_pool, iter_table, parse_time, table_schema
 from curate.pool.recipes.periods import YFCC15M_GROUPS
+from curate.progress import Progress
 
 CAPTION_CHARS = 500
 REQUIRED = ("key", "title", "description", "usertags", "dateuploaded")
@@ -84,7 +84,7 @@ def prepare_table(csv_path: str | os.PathLike, dest: str | os.PathLike, progress
     out_schema = pa.schema([("path", pa.string()), ("caption", pa.string())] + rest)
     rows = kept = unmapped = 0
     with atomic_path(dest) as tmp, pq.ParquetWriter(tmp, out_schema) as writer:
-        for first, batch in tqdm(iter_table(csv_path, schema), desc="yfcc15m table", unit="batch",
+        for first, batch in Progress(iter_table(csv_path, schema), desc="yfcc15m table", unit="batch",
                                  disable=not progress):
             cols = batch.to_pydict()
             keep, paths, caps = [], [], []

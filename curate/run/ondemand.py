@@ -1,0 +1,352 @@
+"""Caption features built on demand: only the columns a filter reads, only for the rows that can
+still pass it.
+
+DataComp's text baselines read per-caption features that cost microseconds a caption each:
+word and character counts, the WordNet entity flag, fastText's language, CLD3's language
+(:mod:`curate.features.text`, :mod:`curate.features.cld3`). Computing all of them for every row
+before the first filter runs made a cold ``curate run`` as slow as DataComp itself. Here a filter
+pays only for what it needs:
+
+* **Columns.** Each table is made of *parts* (``counts``, ``entity``, ``lang`` of
+  ``text_features``; ``cld3`` of ``text_lang_cld3``), each computed on its own. A filter builds
+  the parts whose columns it names (:func:`needed_parts`); ``SELECT *`` over a caption table
+  names them all.
+* **Rows.** When the filter's query has the shape ``SELECT ... FROM ... JOIN <caption table> ...
+  WHERE c1 AND c2 AND ...`` (:func:`row_plan`), parts are computed in order of cost, each only
+  for the rows that pass every conjunct that does not read it or a costlier part. That is exact:
+  ``WHERE`` keeps a row only when every conjunct is TRUE, so a row that fails (or is NULL on) a
+  cheaper conjunct is dropped whatever the costlier feature says. ``laion2b.sql`` runs CLD3 only
+  on the rows whose B/32 score passes 0.28; ``basic_filter.sql`` runs fastText only on the
+  captions of more than two words and five characters on images of the right size.
+
+The tables keep one row per pool row; a value not yet computed is NULL (the DuckDB shell sees
+NULL, never a wrong value), and each output records how many rows of each part it holds. A later
+filter that needs more rows computes only the missing ones; ``curate features text`` still
+computes everything. The subset a filter gives is byte-identical whichever rows were computed
+before, in whatever order filters ran.
+
+When the shape does not allow the row restriction (a caption column read inside a subquery, in
+a setup statement, in a ``WITH`` or the ``FROM`` clause, the table read twice, a set operation),
+the parts the filter names are computed for every row. ``curate run --explain`` and
+``--dropped`` count rows per conjunct on their own, so they always compute whole columns.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from curate.run.shape import split_query
+from curate.sqltokens import tokenize
+
+#: caption views and the module:attribute of their :class:`~curate.features.text.CaptionTable`
+CAPTION_TABLES = {
+    "text_features": "curate.features.text:TABLE",
+    "text_lang_cld3": "curate.features.cld3:TABLE",
+}
+
+
+def caption_table(view: str):
+    import importlib  # lazy: the producer modules load fastText/WordNet wrappers (see registry)
+
+    module, attr = CAPTION_TABLES[view].split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+@dataclass(frozen=True)
+class PartNeed:
+    view: str
+    part: str
+    columns: tuple[str, ...]
+    cost: int
+
+
+def _names(sql: str) -> set[str]:
+    return {t.value.lower() for t in tokenize(sql) if t.kind in ("identifier", "keyword") and t.value}
+
+
+def _has_star(sql: str) -> bool:
+    """A ``*`` that selects columns (``SELECT *``, ``t.*``, ``, *``), not ``count(*)`` or ``a * b``."""
+    tokens = tokenize(sql)
+    for i, t in enumerate(tokens):
+        if t.is_op("*") and i > 0:
+            prev = tokens[i - 1]
+            if prev.is_op(",") or prev.is_op(".") or prev.kind == "keyword" and prev.value in ("select", "distinct", "all"):
+                return True
+    return False
+
+
+def needed_parts(sql: str) -> list[PartNeed]:
+    """The parts of the caption tables ``sql`` reads, cheapest first: a part is needed when the
+    text names one of its columns (or selects ``*``) and names its table."""
+    names = _names(sql)
+    star = None
+    out = []
+    for view in CAPTION_TABLES:
+        if view not in names:
+            continue
+        if star is None:
+            star = _has_star(sql)
+        for part in caption_table(view).parts.values():
+            if star or any(c in names for c in part.columns):
+                out.append(PartNeed(view, part.name, tuple(part.columns), part.cost))
+    return sorted(out, key=lambda p: p.cost)
+
+
+def caption_columns() -> dict[str, PartNeed]:
+    """Every caption column -> its part."""
+    out = {}
+    for view in CAPTION_TABLES:
+        for part in caption_table(view).parts.values():
+            for c in part.columns:
+                out[c] = PartNeed(view, part.name, tuple(part.columns), part.cost)
+    return out
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """The query cut so that a part's needed rows can be selected (see :func:`restriction_sql`)."""
+
+    prefix: str
+    from_sql: str
+    aliases: dict  # caption view -> its alias in FROM
+    conjuncts: list  # (text, caption columns it reads)
+    spans: dict  # caption view -> (start, end[, name]) of its name in from_sql
+
+
+def row_plan(setup: list[str], query: str) -> RowPlan | str:
+    """How ``query`` (prepared: read_subset() replaced) can restrict the rows a part is computed
+    for, or a short reason why it cannot (then parts are computed for every row)."""
+    columns = caption_columns()
+    caption_names = set(CAPTION_TABLES) | set(columns)
+    for stmt in setup:
+        if _names(stmt) & caption_names:
+            return "a setup statement reads a caption table"
+    shape = split_query(query)
+    if isinstance(shape, str):
+        return shape
+    if _names(shape.prefix) & caption_names:
+        return "its WITH clause reads a caption table"
+    aliases, spans = {}, {}
+    tokens = tokenize(shape.from_sql)
+    depth = 0
+    for i, t in enumerate(tokens):
+        if t.is_op("("):
+            depth += 1
+        elif t.is_op(")"):
+            depth -= 1
+        if t.kind in ("identifier", "keyword") and (t.value or "").lower() in columns:
+            return f"its FROM clause reads the caption column {t.value}"
+        name = (t.value or "").lower() if t.kind in ("identifier", "keyword") else ""
+        if name in CAPTION_TABLES and not (i > 0 and tokens[i - 1].is_op(".")):
+            if depth or name in aliases:
+                return f"it reads {name} more than once or inside a subquery"
+            nxt = tokens[i + 1:i + 3]
+            spans[name] = (t.start, t.end)
+            if nxt and nxt[0].is_name("as") and len(nxt) > 1 and nxt[1].kind == "identifier":
+                aliases[name] = nxt[1].value
+            elif nxt and nxt[0].kind == "identifier":
+                aliases[name] = nxt[0].value
+            else:
+                aliases[name] = name
+                spans[name] = (t.start, t.end, name)  # the subquery standing in for it needs the name
+    conjuncts = []
+    for text in [shape.projection, shape.rest or "", *shape.conjuncts]:
+        names = _names(text)
+        if names & caption_names and names & {"select", "fraction_threshold"}:
+            return "a caption column is read inside a subquery or a fraction_threshold()"
+    for text in shape.conjuncts:
+        conjuncts.append((text, frozenset(_names(text) & set(columns))))
+    if not aliases:
+        return "it reads no caption table in its FROM clause"
+    return RowPlan(shape.prefix, shape.from_sql, aliases, conjuncts, spans)
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def restriction_sql(plan: RowPlan, need: PartNeed, computed: set[str], only_missing: bool = False) -> str:
+    """The rows (``file``, ``row``) of ``need.view`` that pass every conjunct reading only pool
+    columns and the ``computed`` caption columns; with ``only_missing``, only those whose value
+    is NULL. (Without it, which rows already hold current values is for
+    :func:`curate.features.parts.build_parts` to say: a value computed with other settings, e.g.
+    another language-ID model, is present but stale.)"""
+    alias = _ident(plan.aliases[need.view])
+    kept = [(text, cols) for text, cols in plan.conjuncts if cols <= computed]
+    keep = [f"({text})" for text, _ in kept] or ["true"]
+    if only_missing:  # exact only where no output holds stale values of the part (see build_needed)
+        keep.append(f"{alias}.{_ident(need.columns[0])} IS NULL")
+    # a caption table none of whose columns the kept conjuncts read stands for exactly the pool's
+    # (uid, file, row): read those from the pool, so nothing has to exist before the first part
+    read = set().union(*(cols for _, cols in kept)) if kept else set()
+    if only_missing:
+        read |= {need.columns[0]}
+    columns = caption_columns()
+    from_sql = plan.from_sql
+    for view, span in sorted(plan.spans.items(), key=lambda kv: -kv[1][0]):
+        if not any(columns[c].view == view for c in read):
+            stand_in = '(SELECT uid, file, "row" FROM main.pool)' + (f" AS {span[2]}" if len(span) > 2 else "")
+            from_sql = from_sql[:span[0]] + stand_in + from_sql[span[1]:]
+    # each piece on its own lines: the query's own comments end at a newline
+    return (f"{plan.prefix}\nSELECT DISTINCT {alias}.file AS file, {alias}.\"row\" AS \"row\"\n"
+            f"FROM {from_sql}\nWHERE " + "\n  AND ".join(keep)).strip()
+
+
+def rows_by_file(con, sql: str) -> dict[str, np.ndarray]:
+    """file -> sorted unique row numbers of a :func:`restriction_sql` result (one list per pool
+    file out of DuckDB: no Python object per row)."""
+    table = con.execute(f"SELECT file, list(DISTINCT \"row\" ORDER BY \"row\") AS rows FROM ({sql}) GROUP BY file"
+                        ).to_arrow_table()
+    rows = table.column("rows").combine_chunks()
+    return {str(f): rows[i].values.to_numpy().astype(np.int64)
+            for i, f in enumerate(table.column("file").to_pylist())}
+
+
+def _count(con, sql: str) -> int:
+    return int(con.execute(f"SELECT count(*) FROM ({sql})").fetchone()[0])
+
+
+class _Prepared:
+    """The filter's prepared connection, opened when first needed and closed before anything is
+    built (building registers views: it writes the catalog)."""
+
+    def __init__(self, open_prepared: Callable):
+        self._open, self.con, self.query = open_prepared, None, None
+
+    def __enter__(self):
+        return self
+
+    def get(self):
+        if self.con is None:
+            self.con, self.query = self._open()
+        return self.con, self.query
+
+    def close(self):
+        if self.con is not None:
+            con, self.con = self.con, None
+            con.close()
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def build_needed(catalog, flt, open_prepared: Callable, *, row_level: bool = True, progress: bool = True,
+                 engine=None) -> dict[str, dict]:
+    """Compute the caption parts ``flt`` reads, for the rows it needs; returns, per view, what was
+    computed (for the run manifest).
+
+    ``open_prepared()`` returns ``(con, query)``: a sandboxed, read-only catalog connection with
+    the filter's setup statements run and parameters set, and its prepared query; the caller's
+    :func:`curate.run.query.open_filter` without features. It is opened only when a part is not
+    complete, and closed before a part is computed (computing writes the catalog's view).
+
+    What is complete comes from the outputs' metadata (no data read). For a part computed for
+    some rows, one ``count(*)`` of the restriction over rows still NULL says whether anything is
+    missing (when no output holds stale values of it; otherwise the rows are handed to
+    :func:`~curate.features.parts.build_parts`, which knows which values are current).
+    """
+    from curate.features import parts as textfeatures  # lazy: see caption_table
+
+    needs = needed_parts(flt.text)
+    if not needs:
+        return {}
+    coverage = {}
+    for view in dict.fromkeys(n.view for n in needs):
+        got = textfeatures.part_coverage(caption_table(view), catalog, [n.part for n in needs if n.view == view])
+        if any(not c.registered and c.outputs for c in got.values()):
+            # outputs there but no view (a run killed before it registered it): register it, so
+            # the restrictions can read what was computed
+            textfeatures.ensure_skeleton(caption_table(view), catalog)
+        coverage.update({(view, part): cov for part, cov in got.items()})
+    plan: RowPlan | str | None = None if row_level else "whole columns were asked for"
+    report: dict[str, dict] = {}
+    built: set[str] = set()
+    computed: set[str] = set()
+    with _Prepared(open_prepared) as prepared:
+        for need in needs:
+            table = caption_table(need.view)
+            cov = coverage[(need.view, need.part)]
+            total = sum(n for _, n in cov.status.values())
+            entry = report.setdefault(need.view, {})
+            entry[need.part] = {"rows_computed_now": 0, "rows": total}
+            if cov.complete:
+                computed |= set(need.columns)
+                continue
+            rows = None
+            if not isinstance(plan, str):
+                con, query = prepared.get()
+                if plan is None:  # cut the prepared query (subsets registered, variables set)
+                    plan = row_plan(flt.setup, query)
+                if not isinstance(plan, str):
+                    # NULL means "not computed" exactly when no output holds stale values of the part
+                    exact = not cov.stale and any(done for done, _ in cov.status.values())
+                    sql = restriction_sql(plan, need, computed, only_missing=exact)
+                    rows = {} if exact and not _count(con, sql) else rows_by_file(con, sql)
+            if rows is not None and not rows:
+                if need.view not in built and not any(done for done, _ in cov.status.values()):
+                    prepared.close()
+                    textfeatures.ensure_skeleton(table, catalog)  # the view exists for what reads it next
+                    built.add(need.view)
+                computed |= set(need.columns)
+                continue
+            prepared.close()
+            t0 = time.perf_counter()
+            res = textfeatures.build_parts(table, catalog, [need.part], rows=rows, engine=engine, progress=progress)
+            built.add(need.view)
+            done = res.part_rows.get(need.part, 0)
+            entry[need.part] = {"rows_computed_now": done, "rows": total, "restricted": rows is not None}
+            if progress and done:
+                which = ("the rows that pass the filter's cheaper conditions" if rows is not None
+                         else f"every row ({plan})" if isinstance(plan, str) else "every row")
+                print(f"{need.view}.{need.part}: computed {done:,} of {total:,} rows "
+                      f"({which}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+            computed |= set(need.columns)
+    return report
+
+
+def _rows_or_none(con, sql: str) -> dict[str, np.ndarray] | None:
+    import duckdb  # lazy: the connection's own module, for its error type
+
+    try:
+        return rows_by_file(con, sql)
+    except duckdb.Error:  # the view is not registered yet: nothing was ever built
+        return None
+
+
+def missing_parts(catalog, flt, open_prepared: Callable) -> list[str]:
+    """``view.part`` names that ``flt`` would compute before it runs (empty: it runs as it is), found
+    without writing anything: from the outputs' metadata and, for a part computed for only some
+    rows, the same restriction :func:`build_needed` uses. For read-only users (``curate explore``)."""
+    from curate.features import parts as textfeatures  # lazy: see caption_table
+
+    plan: RowPlan | str | None = None
+    computed: set[str] = set()
+    for need in needed_parts(flt.text):
+        table = caption_table(need.view)
+        try:
+            status = textfeatures.part_status(table, catalog, need.part)
+        except Exception:  # noqa: BLE001 - no table yet (never built): that part is missing
+            return [f"{need.view}.{need.part}"]
+        if not status or not all(done >= n for done, n in status.values()):
+            if not status or isinstance(plan, str):
+                return [f"{need.view}.{need.part}"]
+            con, query = open_prepared()
+            try:
+                if plan is None:
+                    plan = row_plan(flt.setup, query)
+                rows = None if isinstance(plan, str) else _rows_or_none(con, restriction_sql(plan, need, computed))
+            finally:
+                con.close()
+            if rows is None or textfeatures.missing_rows(table, catalog, [need.part], rows):
+                return [f"{need.view}.{need.part}"]
+        computed |= set(need.columns)
+    return []
+
+
+__all__ = ["CAPTION_TABLES", "PartNeed", "RowPlan", "build_needed", "caption_columns", "missing_parts", "needed_parts",
+           "restriction_sql", "row_plan", "rows_by_file"]
