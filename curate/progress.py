@@ -182,3 +182,56 @@ class Progress(tqdm):
         self._closing = True
         self.leave = False  # nothing to leave or erase: the lines are already written
         super().close()
+
+
+class DuckDBProgress:
+    """Lines for a long DuckDB query when standard error is not a terminal (where DuckDB's own
+    bar, drawn on standard output, is off): a thread polls ``con.query_progress()`` (DuckDB tracks
+    it with ``enable_progress_bar`` on and ``enable_progress_bar_print`` off, see
+    :func:`duckdb_settings`) and writes ``desc: 40/100 % ...`` lines. A no-op at a terminal or
+    without ``progress``. Use as a context manager around the execution and fetch."""
+
+    def __init__(self, con, desc: str, progress):
+        self.con, self.desc = con, desc
+        self.active = bool(progress) and enabled() and not at_terminal()
+        self._stop = None
+
+    def __enter__(self):
+        if self.active:
+            import threading  # lazy: only when logging
+
+            self._stop = threading.Event()
+            self._bar = Progress(total=100, desc=self.desc, unit="%")
+            self._thread = threading.Thread(target=self._poll, daemon=True, name="curate-duckdb-progress")
+            self._thread.start()
+        return self
+
+    def _poll(self) -> None:
+        seen = 0.0
+        while not self._stop.wait(0.2):
+            try:
+                p = float(self.con.query_progress())
+            except Exception:  # noqa: BLE001 - the connection is closing: progress is not worth an error
+                return
+            if p > seen:
+                self._bar.update(min(p, 100.0) - seen)
+                seen = min(p, 100.0)
+
+    def __exit__(self, exc_type, *_):
+        if self._stop is not None:
+            self._stop.set()
+            self._thread.join()
+            if exc_type is None and self._bar.n < 100:
+                self._bar.update(100 - self._bar.n)
+            self._bar.close()
+        return False
+
+
+def duckdb_settings(progress) -> dict:
+    """DuckDB settings for a query run with ``progress``: its bar at a terminal, otherwise progress
+    tracked without printing, for :class:`DuckDBProgress`."""
+    if not progress or not enabled():
+        return {"enable_progress_bar": False}
+    if at_terminal():
+        return {"enable_progress_bar": True}
+    return {"enable_progress_bar": True, "enable_progress_bar_print": False}

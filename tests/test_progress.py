@@ -175,6 +175,8 @@ def test_features_negcliploss_logs(small_pool):
 def test_run_and_reshard_log(small_pool, tmp_path):
     r = curate("run", "clip_score_l14_30pct", "-c", "cat.duckdb", "-o", tmp_path / "s.npy", cwd=small_pool)
     assert "kept " in r.stdout  # and no DuckDB bar on stdout (checked by curate())
+    query = progress_lines(r.stderr, "clip_score_l14_30pct query")  # DuckDB's progress, polled
+    assert query[-1]["n"] == "100" and query[-1]["unit"] == "%"
     kept = json.loads((tmp_path / "s.json").read_text())["count"]
     assert 30 <= kept <= 40  # about 30% of 120
     r = curate("reshard", "-i", small_pool / "pool" / "shards", "-o", tmp_path / "out", "-s", tmp_path / "s.npy",

@@ -536,17 +536,41 @@ def task_engine(captions: int, engine: Engine | None = None) -> Engine:
 # the API
 
 
+@contextlib.contextmanager
+def build_lock(catalog: Path, view: str, progress: bool = False):
+    """One build of ``view``'s outputs at a time (an exclusive ``flock`` on
+    ``FEATURES_DIR/view/.build.lock``, released however the holder ends, ``kill -9`` included).
+
+    A build reads an output, merges the values it computed and renames the result into place;
+    two runs doing that to the same file at once could each drop the other's values (two
+    ``curate run`` of filters that need different rows of one table). Under the lock each build
+    plans from, and merges into, what the previous one left."""
+    import fcntl  # lazy: POSIX only, like the rest of the process handling
+
+    out_dir = _pool(catalog, view)[1]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".build.lock", "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if progress:
+                print(f"{view}: waiting for another build of this table to finish", file=sys.stderr, flush=True)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
 def ensure_skeleton(table: CaptionTable, catalog, progress: bool = False) -> None:
     """Give every pool file lacking a current output one with ``uid, file, row`` and every
     feature NULL (reads only the pool's uid column; atomic), and register the view if needed.
     Opens the catalog read-write: call it with no connection open."""
     catalog = Path(catalog) if catalog else default_catalog()
-    p = _plan(table, catalog, [], None, skeleton_only=True)
-    for _ in map_tasks(build_file, [(table.compute, job) for job in p.jobs], LOCAL, desc=f"{table.view} (skeleton)",
-                       progress=progress, unit="file"):
-        pass
-    if p.jobs or not p.registered:
-        register_parquet_view(catalog, table.view, p.outputs())
+    with build_lock(catalog, table.view, progress):
+        p = _plan(table, catalog, [], None, skeleton_only=True)
+        for _ in map_tasks(build_file, [(table.compute, job) for job in p.jobs], LOCAL,
+                           desc=f"{table.view} (skeleton)", progress=progress, unit="file"):
+            pass
+        if p.jobs or not p.registered:
+            register_parquet_view(catalog, table.view, p.outputs())
 
 
 def _statuses(table: CaptionTable, catalog, parts: list[str], **options) -> tuple[bool, dict, set, int]:
@@ -626,6 +650,12 @@ def build_parts(table: CaptionTable, catalog, parts: list[str], rows: dict[str, 
     t0 = time.perf_counter()
     catalog = Path(catalog) if catalog else default_catalog()
     parts = table.ordered(parts)
+    with build_lock(catalog, table.view, progress):
+        return _build_parts(table, catalog, parts, rows, engine, progress, force, t0, **options)
+
+
+def _build_parts(table: CaptionTable, catalog: Path, parts: list[str], rows, engine, progress: bool,
+                 force: bool, t0: float, **options) -> BuildResult:
     p = _plan(table, catalog, parts, rows, force, **options)
     res = BuildResult(out_dir=p.out_dir, settings=p.settings, rows_total=sum(f.num_rows for f in p.files),
                       part_rows=dict.fromkeys(parts, 0))

@@ -41,7 +41,7 @@ from typing import Callable
 import numpy as np
 
 from curate.run.shape import split_query
-from curate.sqltokens import tokenize
+from curate.sqltokens import sql_literal, tokenize
 
 #: caption views and the module:attribute of their :class:`~curate.features.text.CaptionTable`
 CAPTION_TABLES = {
@@ -170,7 +170,8 @@ def _ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def restriction_sql(plan: RowPlan, need: PartNeed, computed: set[str], only_missing: bool = False) -> str:
+def restriction_sql(plan: RowPlan, need: PartNeed, computed: set[str], only_missing: bool = False,
+                    files: list[str] | None = None) -> str:
     """The rows (``file``, ``row``) of ``need.view`` that pass every conjunct reading only pool
     columns and the ``computed`` caption columns; with ``only_missing``, only those whose value
     is NULL. (Without it, which rows already hold current values is for
@@ -181,6 +182,8 @@ def restriction_sql(plan: RowPlan, need: PartNeed, computed: set[str], only_miss
     keep = [f"({text})" for text, _ in kept] or ["true"]
     if only_missing:  # exact only where no output holds stale values of the part (see build_needed)
         keep.append(f"{alias}.{_ident(need.columns[0])} IS NULL")
+    if files is not None:  # a chunk of pool files (DuckDB reads only those: a filter on the file name)
+        keep.append(f"{alias}.file IN ({', '.join(sql_literal(f) for f in files)})")
     # a caption table none of whose columns the kept conjuncts read stands for exactly the pool's
     # (uid, file, row): read those from the pool, so nothing has to exist before the first part
     read = set().union(*(cols for _, cols in kept)) if kept else set()
@@ -195,6 +198,28 @@ def restriction_sql(plan: RowPlan, need: PartNeed, computed: set[str], only_miss
     # each piece on its own lines: the query's own comments end at a newline
     return (f"{plan.prefix}\nSELECT DISTINCT {alias}.file AS file, {alias}.\"row\" AS \"row\"\n"
             f"FROM {from_sql}\nWHERE " + "\n  AND ".join(keep)).strip()
+
+
+#: pool rows whose row numbers are listed at a time (8 bytes each): a pool larger than this is
+#: restricted and computed a chunk of pool files at a time
+CHUNK_ROWS = 16_000_000
+
+
+def _chunks(status: dict, limit: int) -> list[list[str] | None]:
+    """Pool files (``status``: file -> (done, rows)) in runs of at most ``limit`` rows (a file
+    larger than that on its own); ``[None]`` (every file at once) when the pool fits."""
+    if sum(n for _, n in status.values()) <= limit:
+        return [None]
+    out, cur, size = [], [], 0
+    for f, (_, n) in status.items():
+        if cur and size + n > limit:
+            out.append(cur)
+            cur, size = [], 0
+        cur.append(f)
+        size += n
+    if cur:
+        out.append(cur)
+    return out
 
 
 def rows_by_file(con, sql: str) -> dict[str, np.ndarray]:
@@ -277,32 +302,36 @@ def build_needed(catalog, flt, open_prepared: Callable, *, row_level: bool = Tru
             if cov.complete:
                 computed |= set(need.columns)
                 continue
-            rows = None
-            if not isinstance(plan, str):
-                con, query = prepared.get()
-                if plan is None:  # cut the prepared query (subsets registered, variables set)
-                    plan = row_plan(flt.setup, query)
-                if not isinstance(plan, str):
-                    # NULL means "not computed" exactly when no output holds stale values of the part
-                    exact = not cov.stale and any(done for done, _ in cov.status.values())
-                    sql = restriction_sql(plan, need, computed, only_missing=exact)
-                    rows = {} if exact and not _count(con, sql) else rows_by_file(con, sql)
-            if rows is not None and not rows:
-                if need.view not in built and not any(done for done, _ in cov.status.values()):
-                    prepared.close()
-                    textfeatures.ensure_skeleton(table, catalog)  # the view exists for what reads it next
-                    built.add(need.view)
-                computed |= set(need.columns)
-                continue
-            prepared.close()
+            if not isinstance(plan, str) and plan is None:
+                plan = row_plan(flt.setup, prepared.get()[1])  # the prepared query (subsets registered)
             t0 = time.perf_counter()
-            res = textfeatures.build_parts(table, catalog, [need.part], rows=rows, engine=engine, progress=progress)
-            built.add(need.view)
-            done = res.part_rows.get(need.part, 0)
-            entry[need.part] = {"rows_computed_now": done, "rows": total, "restricted": rows is not None}
+            done = 0
+            restricted = not isinstance(plan, str)
+            # the row lists of a chunk of pool files at a time (8 bytes a row): memory bounded by
+            # CHUNK_ROWS, not by the pool; one chunk for a pool of up to CHUNK_ROWS rows
+            for files in _chunks(cov.status, CHUNK_ROWS) if restricted else [None]:
+                rows = None
+                if restricted:
+                    con, _ = prepared.get()
+                    # NULL means "not computed" exactly when no output holds stale values of the part
+                    exact = not cov.stale and any(k for k, _ in cov.status.values())
+                    sql = restriction_sql(plan, need, computed, only_missing=exact, files=files)
+                    rows = {} if exact and not _count(con, sql) else rows_by_file(con, sql)
+                    if not rows:
+                        continue
+                prepared.close()
+                res = textfeatures.build_parts(table, catalog, [need.part], rows=rows, engine=engine,
+                                               progress=progress)
+                built.add(need.view)
+                done += res.part_rows.get(need.part, 0)
+            if need.view not in built and not any(k for k, _ in cov.status.values()):
+                prepared.close()
+                textfeatures.ensure_skeleton(table, catalog)  # the view exists for what reads it next
+                built.add(need.view)
+            entry[need.part] = {"rows_computed_now": done, "rows": total, "restricted": restricted}
             if progress and done:
-                which = ("the rows that pass the filter's cheaper conditions" if rows is not None
-                         else f"every row ({plan})" if isinstance(plan, str) else "every row")
+                which = ("the rows that pass the filter's cheaper conditions" if restricted
+                         else f"every row ({plan})")
                 print(f"{need.view}.{need.part}: computed {done:,} of {total:,} rows "
                       f"({which}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
             computed |= set(need.columns)

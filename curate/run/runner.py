@@ -24,7 +24,7 @@ import pyarrow as pa
 from curate import __version__
 from curate.atomic import check_output, write_json
 from curate.catalog.connection import default_catalog
-from curate.progress import duckdb_bar
+from curate.progress import DuckDBProgress, duckdb_settings
 from curate.run.query import (FilterFile, check_uid_column, filter_error, json_value, locate_bad_uid, open_filter,
                               precompute_thresholds)
 from curate.subset import write_records
@@ -66,12 +66,12 @@ def run_filter(filter_path, catalog=None, out=None, sets=None, progress=False, b
     catalog = Path(catalog) if catalog else default_catalog()
     out = check_output(Path(out) if out else default_out(filter_path))  # before the work, not after
     # Feature builds show progress (log lines off a terminal: curate.progress); DuckDB's own bar
-    # draws on stdout, so only at a terminal (duckdb_bar). Let DuckDB's threads run a couple of
+    # draws on stdout, so only at a terminal; elsewhere its progress is polled into lines. Let DuckDB's threads run a couple of
     # batches ahead of the one being parsed (the default buffer of about 1 MB stalls the query
     # after every batch or so; much larger ones cost more in page faults than they save:
     # bench/bench_filter.py). Set before the connection is sandboxed and locked.
     opened = open_filter(filter_path, catalog, sets, progress=progress,
-                         settings={"enable_progress_bar": duckdb_bar(progress), "streaming_buffer_size": "4MB"},
+                         settings={**duckdb_settings(progress), "streaming_buffer_size": "4MB"},
                          row_level=row_level)
     con, flt = opened.con, opened.flt
     try:
@@ -79,7 +79,8 @@ def run_filter(filter_path, catalog=None, out=None, sets=None, progress=False, b
         check_uid_column(con, query, flt.path)
         if before_fetch is not None:
             before_fetch(con, query, opened)
-        parts = _fetch_records(con, query, flt.path)
+        with DuckDBProgress(con, f"{flt.path.stem} query", progress):
+            parts = _fetch_records(con, query, flt.path)
         pool_rows = int(con.execute("SELECT sum(num_rows) FROM pool_files").fetchone()[0] or 0)
     finally:
         con.close()  # before sorting: the memory DuckDB gives back is what the sort allocates next

@@ -260,6 +260,39 @@ def test_a_stale_part_is_recomputed_for_every_row_the_filter_needs(pool, referen
     assert computed_rows(table(cat, "text_features"), "lang_fasttext") == set(zip(df.file[sized], df.row[sized]))
 
 
+def test_a_pool_larger_than_a_chunk_is_computed_a_chunk_of_files_at_a_time(pool, reference, tmp_path, monkeypatch):
+    import curate.run.ondemand as ondemand
+    from curate.features import parts
+
+    calls = []
+    real = parts.build_parts
+    monkeypatch.setattr(ondemand, "CHUNK_ROWS", 3000)  # the pool: 2 files x 3,000 rows
+    monkeypatch.setattr(parts, "build_parts", lambda *a, **k: calls.append(sorted(k["rows"])) or real(*a, **k))
+    df = pool_frame(pool)
+    cat = fresh_catalog(pool, tmp_path)
+    run_filter(FILTERS / "basic_filter.sql", catalog=cat, out=tmp_path / "b.npy")
+    assert (tmp_path / "b.npy").read_bytes() == reference["subsets"]["basic_filter"]
+    files = sorted(df.file.unique())
+    assert calls == [[files[0]], [files[1]]] * 2  # counts then lang, one file each
+    sized = size_ok(df)
+    assert computed_rows(table(cat, "text_features"), "n_words") == set(zip(df.file[sized], df.row[sized]))
+
+
+def test_two_filters_building_one_table_at_once_both_get_their_subsets(pool, reference, tmp_path):
+    """basic_filter and text_based, started together on one fresh catalog, each compute parts of
+    text_features and merge them into the same files: neither may lose the other's values
+    (parts.build_lock serialises the read-merge-write of the outputs)."""
+    cat = fresh_catalog(pool, tmp_path)
+    procs = {name: subprocess.Popen([sys.executable, "-m", "curate", "run", str(FILTERS / f"{name}.sql"), "-c", str(cat),
+                                     "-o", str(tmp_path / f"{name}.npy")], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+             for name in ("basic_filter", "text_based")}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        assert (tmp_path / f"{name}.npy").read_bytes() == reference["subsets"][name], name
+
+
 def test_the_shell_sees_null_for_rows_not_computed(pool, tmp_path):
     cat = fresh_catalog(pool, tmp_path)
     run_filter(FILTERS / "laion2b.sql", catalog=cat, out=tmp_path / "l.npy")
