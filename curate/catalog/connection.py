@@ -314,9 +314,20 @@ def connect(catalog: str | os.PathLike | None = None, read_only: bool = True) ->
     if mode and mode[0] == "relative":
         base = path.resolve().parent
         con.execute(f"SET file_search_path = {sql_literal(str(base))}")
-        create_views(con, _view_values(con, base), temp=True)
+        try:
+            create_views(con, _view_values(con, base), temp=True)
+        except (duckdb.Error, CurateError) as e:
+            con.close()
+            why = str(e).splitlines()[0][:300]
+            raise CatalogError(f"{path}: cannot open its views: {why} (a pool file it lists is missing or "
+                               f"unreadable)") from None
         for name, select_sql, paths, options in con.execute("SELECT * FROM curate_views").fetchall():
-            con.execute(parquet_view_sql(name, select_sql, [str(base / p) for p in paths], options, temp=True))
+            try:
+                con.execute(parquet_view_sql(name, select_sql, [str(base / p) for p in paths], options, temp=True))
+            except duckdb.Error:
+                # a feature table whose files are gone: leave the view out, so that its producer
+                # rebuilds it (and re-registers it) and a query naming it gets the missing-view hint
+                continue
     return con
 
 

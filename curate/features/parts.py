@@ -539,7 +539,7 @@ def task_engine(captions: int, engine: Engine | None = None) -> Engine:
 @contextlib.contextmanager
 def build_lock(catalog: Path, view: str, progress: bool = False):
     """One build of ``view``'s outputs at a time (an exclusive ``flock`` on
-    ``FEATURES_DIR/view/.build.lock``, released however the holder ends, ``kill -9`` included).
+    ``FEATURES_DIR/.{view}.build.lock``, released however the holder ends, ``kill -9`` included).
 
     A build reads an output, merges the values it computed and renames the result into place;
     two runs doing that to the same file at once could each drop the other's values (two
@@ -547,9 +547,9 @@ def build_lock(catalog: Path, view: str, progress: bool = False):
     plans from, and merges into, what the previous one left."""
     import fcntl  # lazy: POSIX only, like the rest of the process handling
 
-    out_dir = _pool(catalog, view)[1]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / ".build.lock", "a+") as fh:
+    root = _pool(catalog, view)[1].parent  # the features dir: nothing inside the table's own dir
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{view}.build.lock", "a+") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -283,9 +283,10 @@ def build_needed(catalog, flt, open_prepared: Callable, *, row_level: bool = Tru
     coverage = {}
     for view in dict.fromkeys(n.view for n in needs):
         got = textfeatures.part_coverage(caption_table(view), catalog, [n.part for n in needs if n.view == view])
-        if any(not c.registered and c.outputs for c in got.values()):
-            # outputs there but no view (a run killed before it registered it): register it, so
-            # the restrictions can read what was computed
+        if any(c.outputs and (not c.registered or c.outputs < len(c.status)) for c in got.values()):
+            # outputs there but no view (a run killed before it registered it), or a view over
+            # outputs some of which are gone or stale: (re)write those as all-NULL ones and register
+            # the view, so that the restrictions can read what was computed
             textfeatures.ensure_skeleton(caption_table(view), catalog)
         coverage.update({(view, part): cov for part, cov in got.items()})
     plan: RowPlan | str | None = None if row_level else "whole columns were asked for"
