@@ -213,13 +213,13 @@ class Session:
         if not views:
             return
         params = declared_params(flt, sets) or {}
+        with self.catalog_lock:  # caption tables are computed per part and row: there for what it reads?
+            self.own_connections()
+            missing = {m.split(".")[0] for m in missing_parts(self.catalog, flt, lambda: self._open_prepared(flt, sets))}
         for view in views:
             with self.catalog_lock:
                 self.own_connections()
-                if view in CAPTION_TABLES:  # computed per part and row: there for what this filter reads?
-                    current = not missing_parts(self.catalog, flt, lambda: self._open_prepared(flt, sets))
-                else:
-                    current = producer(view).is_current(self.catalog, params)
+                current = view not in missing if view in CAPTION_TABLES else producer(view).is_current(self.catalog, params)
             if not current:
                 raise CurateError(f"{flt.path}: feature view {view} is missing or out of date for this catalog; "
                                   f"build it with `curate run {flt.path}` or `curate features` first "

@@ -40,6 +40,7 @@ from typing import Callable
 
 import numpy as np
 
+from curate.errors import CurateError
 from curate.run.shape import split_query
 from curate.sqltokens import sql_literal, tokenize
 
@@ -232,8 +233,18 @@ def rows_by_file(con, sql: str) -> dict[str, np.ndarray]:
             for i, f in enumerate(table.column("file").to_pylist())}
 
 
-def _count(con, sql: str) -> int:
-    return int(con.execute(f"SELECT count(*) FROM ({sql})").fetchone()[0])
+def _rows_to_compute(con, plan: RowPlan, need: PartNeed, computed: set[str], cov, files=None) -> dict[str, np.ndarray]:
+    """The rows of ``need`` the filter may need that could lack a current value ({}: none).
+
+    NULL means "not computed" exactly when no output holds stale values of the part (``cov``:
+    its :class:`~curate.features.parts.Coverage`): then one ``count(*)`` over the rows still NULL
+    says whether anything is missing. Otherwise every restricted row is returned and
+    :func:`~curate.features.parts.build_parts` (or ``missing_rows``) says which hold current values."""
+    exact = not cov.stale and any(k for k, _ in cov.status.values())
+    sql = restriction_sql(plan, need, computed, only_missing=exact, files=files)
+    if exact and not int(con.execute(f"SELECT count(*) FROM ({sql})").fetchone()[0]):
+        return {}
+    return rows_by_file(con, sql)
 
 
 class _Prepared:
@@ -313,11 +324,7 @@ def build_needed(catalog, flt, open_prepared: Callable, *, row_level: bool = Tru
             for files in _chunks(cov.status, CHUNK_ROWS) if restricted else [None]:
                 rows = None
                 if restricted:
-                    con, _ = prepared.get()
-                    # NULL means "not computed" exactly when no output holds stale values of the part
-                    exact = not cov.stale and any(k for k, _ in cov.status.values())
-                    sql = restriction_sql(plan, need, computed, only_missing=exact, files=files)
-                    rows = {} if exact and not _count(con, sql) else rows_by_file(con, sql)
+                    rows = _rows_to_compute(prepared.get()[0], plan, need, computed, cov, files)
                     if not rows:
                         continue
                 prepared.close()
@@ -339,42 +346,39 @@ def build_needed(catalog, flt, open_prepared: Callable, *, row_level: bool = Tru
     return report
 
 
-def _rows_or_none(con, sql: str) -> dict[str, np.ndarray] | None:
-    import duckdb  # lazy: the connection's own module, for its error type
-
-    try:
-        return rows_by_file(con, sql)
-    except duckdb.Error:  # the view is not registered yet: nothing was ever built
-        return None
-
-
 def missing_parts(catalog, flt, open_prepared: Callable) -> list[str]:
     """``view.part`` names that ``flt`` would compute before it runs (empty: it runs as it is), found
-    without writing anything: from the outputs' metadata and, for a part computed for only some
-    rows, the same restriction :func:`build_needed` uses. For read-only users (``curate explore``)."""
+    without writing anything, the way :func:`build_needed` finds them (outputs' metadata, then the
+    part's restriction). For read-only users (``curate explore``)."""
+    import duckdb  # lazy: the connection's own module, for its error type
+
     from curate.features import parts as textfeatures  # lazy: see caption_table
 
+    needs = needed_parts(flt.text)
+    coverage = {}
+    try:
+        for view in dict.fromkeys(n.view for n in needs):
+            got = textfeatures.part_coverage(caption_table(view), catalog, [n.part for n in needs if n.view == view])
+            coverage.update({(view, part): cov for part, cov in got.items()})
+    except CurateError:  # e.g. a pool file gone: running the filter would fail or rebuild
+        return [f"{n.view}.{n.part}" for n in needs]
     plan: RowPlan | str | None = None
     computed: set[str] = set()
-    for need in needed_parts(flt.text):
-        table = caption_table(need.view)
-        try:
-            status = textfeatures.part_status(table, catalog, need.part)
-        except Exception:  # noqa: BLE001 - no table yet (never built): that part is missing
-            return [f"{need.view}.{need.part}"]
-        if not status or not all(done >= n for done, n in status.values()):
-            if not status or isinstance(plan, str):
-                return [f"{need.view}.{need.part}"]
-            con, query = open_prepared()
-            try:
+    with _Prepared(open_prepared) as prepared:
+        for need in needs:
+            cov = coverage[(need.view, need.part)]
+            if not cov.complete:
                 if plan is None:
-                    plan = row_plan(flt.setup, query)
-                rows = None if isinstance(plan, str) else _rows_or_none(con, restriction_sql(plan, need, computed))
-            finally:
-                con.close()
-            if rows is None or textfeatures.missing_rows(table, catalog, [need.part], rows):
-                return [f"{need.view}.{need.part}"]
-        computed |= set(need.columns)
+                    plan = row_plan(flt.setup, prepared.get()[1])
+                if isinstance(plan, str) or not cov.registered:
+                    return [f"{need.view}.{need.part}"]
+                try:
+                    rows = _rows_to_compute(prepared.get()[0], plan, need, computed, cov)
+                except duckdb.Error:  # an output listed in the view is gone: it would be rebuilt
+                    return [f"{need.view}.{need.part}"]
+                if rows and textfeatures.missing_rows(caption_table(need.view), catalog, [need.part], rows):
+                    return [f"{need.view}.{need.part}"]
+            computed |= set(need.columns)
     return []
 
 
