@@ -55,8 +55,8 @@ from curate.engine import Engine, map_tasks
 from curate.errors import CurateError
 from curate.features.clusters import load_array_file
 from curate.features.embeddings import EmbeddingError, EmbeddingFile, check_key, iter_batches, pool_embedding_files
-from curate.features.tables import (NamedSet, check_set_name, feature_root, find_named_set, list_named_sets,
-                                    npz_identity, read_table_meta, register_file_tables)
+from curate.features.tables import (NamedSet, SetPlan, check_set_name, feature_root, find_named_set, list_named_sets,
+                                    npz_identity, register_file_tables)
 from curate.progress import Progress
 
 VIEW = "eval_neighbors"
@@ -391,19 +391,6 @@ def _check_byod_model(files: list[EmbeddingFile], es: EvalSet) -> None:
                                 f"pool's model")
 
 
-@dataclass
-class Plan:
-    eval_set: str
-    settings: dict
-    out_dir: Path
-    files: list[EmbeddingFile]
-    sources: dict
-    todo: list[EmbeddingFile] = field(default_factory=list)
-
-    def output(self, ef: EmbeddingFile) -> Path:
-        return self.out_dir / f"{ef.file}.parquet"
-
-
 def check_threshold(threshold) -> float:
     try:
         t = float(threshold)
@@ -414,7 +401,7 @@ def check_threshold(threshold) -> float:
     return t
 
 
-def plan(catalog, eval_set: str, threshold: float, force: bool = False) -> Plan:
+def plan(catalog, eval_set: str, threshold: float, force: bool = False) -> SetPlan:
     """What is built and what is missing. A file is current when it was built from the same eval
     set and pool npz at a search threshold <= ``threshold``."""
     catalog = Path(catalog) if catalog else default_catalog()
@@ -425,17 +412,10 @@ def plan(catalog, eval_set: str, threshold: float, force: bool = False) -> Plan:
     files = pool_embedding_files(catalog, es.meta["key"])
     needed = f"key '{es.meta['key']}' needed for eval_neighbors"
     sources = {ef.file: npz_identity(ef, needed, DecontamError) for ef in files}
-    p = Plan(es.name, settings, feature_root(catalog, VIEW) / es.name, files, sources)
     same = ("schema", "key", "eval_set", "eval_sha256", "keys_sha256", "eval_rows")
-    for ef in files:
-        meta = None if force else read_table_meta(p.output(ef), META_KEY)
-        got = (meta or {}).get("settings") or {}
-        ok = (meta is not None and all(got.get(k) == settings[k] for k in same)
-              and isinstance(got.get("threshold"), float) and got["threshold"] <= threshold
-              and meta.get("rows") == ef.num_rows and meta.get("source") == sources[ef.file])
-        if not ok:
-            p.todo.append(ef)
-    return p
+    return SetPlan(es.name, settings, feature_root(catalog, VIEW) / es.name, files, sources).find_stale(
+        META_KEY, force, lambda got: (all(got.get(k) == settings[k] for k in same)
+                                      and isinstance(got.get("threshold"), float) and got["threshold"] <= threshold))
 
 
 def _file_task(catalog: str, eval_set: str, ef: EmbeddingFile, out: str, settings: dict, source: dict) -> int:
@@ -508,11 +488,11 @@ def build_eval_neighbors(catalog=None, eval_set: str = "", threshold: float = DE
     catalog = (Path(catalog) if catalog else default_catalog()).resolve()
     p = plan(catalog, eval_set, threshold, force)
     _check_byod_model(p.files, get_eval_set(catalog, eval_set))
-    res = BuildResult(p.eval_set, p.settings["threshold"], files=len(p.files),
+    res = BuildResult(p.name, p.settings["threshold"], files=len(p.files),
                       rows_total=sum(f.num_rows for f in p.files), eval_rows=p.settings["eval_rows"],
                       out_dir=p.out_dir)
-    tasks = [(str(catalog), p.eval_set, ef, str(p.output(ef)), p.settings, p.sources[ef.file]) for ef in p.todo]
-    for ef, rows in zip(p.todo, map_tasks(_file_task, tasks, engine, desc=f"eval_neighbors {p.eval_set}",
+    tasks = [(str(catalog), p.name, ef, str(p.output(ef)), p.settings, p.sources[ef.file]) for ef in p.todo]
+    for ef, rows in zip(p.todo, map_tasks(_file_task, tasks, engine, desc=f"eval_neighbors {p.name}",
                                           progress=progress, unit="row", sizes=[ef.num_rows for ef in p.todo],
                                           start="spawn")):
         res.computed.append(ef.file)

@@ -30,8 +30,7 @@ from curate.catalog.connection import connect, default_catalog
 from curate.engine import Engine, map_tasks
 from curate.errors import CurateError
 from curate.features.embeddings import EmbeddingFile, iter_batches, pool_embedding_files
-from curate.features.tables import (feature_root, npz_identity, read_table_meta, register_file_tables,
-                                    write_file_table)
+from curate.features.tables import SetPlan, feature_root, npz_identity, register_file_tables, write_file_table
 from curate.features.targets import check_name, get_target_set, list_target_sets
 
 VIEW = "normsim"
@@ -94,34 +93,15 @@ def _gpu_normsim(x, targets):
         return best.cpu().numpy(), torch.sqrt(sq / len(targets)).cpu().numpy()
 
 
-@dataclass
-class Plan:
-    target_set: str
-    settings: dict
-    out_dir: Path
-    files: list[EmbeddingFile]
-    sources: dict
-    todo: list[EmbeddingFile] = field(default_factory=list)
-
-    def output(self, ef: EmbeddingFile) -> Path:
-        return self.out_dir / f"{ef.file}.parquet"
-
-
-def plan(catalog, target_set: str, force: bool = False) -> Plan:
+def plan(catalog, target_set: str, force: bool = False) -> SetPlan:
     catalog = Path(catalog) if catalog else default_catalog()
     ts = get_target_set(catalog, target_set)
     settings = {"schema": SCHEMA_VERSION, "key": KEY, "target_set": ts.name, "target_sha256": ts.meta["sha256"],
                 "target_rows": ts.meta["rows"]}
     files = pool_embedding_files(catalog, KEY)
     sources = {ef.file: npz_identity(ef, f"key '{KEY}' needed for normsim") for ef in files}
-    p = Plan(ts.name, settings, feature_root(catalog, VIEW) / ts.name, files, sources)
-    for ef in files:
-        meta = None if force else read_table_meta(p.output(ef), META_KEY)
-        ok = (meta is not None and meta.get("settings") == settings and meta.get("rows") == ef.num_rows
-              and meta.get("source") == sources[ef.file])
-        if not ok:
-            p.todo.append(ef)
-    return p
+    return SetPlan(ts.name, settings, feature_root(catalog, VIEW) / ts.name, files, sources).find_stale(
+        META_KEY, force, lambda got: got == settings)
 
 
 def _file_task(catalog: str, target_set: str, ef: EmbeddingFile, out: str, settings: dict, source: dict) -> int:
@@ -177,10 +157,10 @@ def build_normsim(catalog=None, target_set: str = "", progress: bool = True, for
     t0 = time.perf_counter()
     catalog = (Path(catalog) if catalog else default_catalog()).resolve()
     p = plan(catalog, target_set, force)
-    res = BuildResult(p.target_set, files=len(p.files), rows_total=sum(f.num_rows for f in p.files),
+    res = BuildResult(p.name, files=len(p.files), rows_total=sum(f.num_rows for f in p.files),
                       target_rows=p.settings["target_rows"], out_dir=p.out_dir)
-    tasks = [(str(catalog), p.target_set, ef, str(p.output(ef)), p.settings, p.sources[ef.file]) for ef in p.todo]
-    for ef, rows in zip(p.todo, map_tasks(_file_task, tasks, engine, desc=f"normsim {p.target_set}", progress=progress,
+    tasks = [(str(catalog), p.name, ef, str(p.output(ef)), p.settings, p.sources[ef.file]) for ef in p.todo]
+    for ef, rows in zip(p.todo, map_tasks(_file_task, tasks, engine, desc=f"normsim {p.name}", progress=progress,
                                           unit="row", sizes=[ef.num_rows for ef in p.todo], start="spawn")):
         res.computed.append(ef.file)
         res.rows_computed += rows

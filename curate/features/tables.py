@@ -9,7 +9,8 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,32 @@ def feature_root(catalog, view: str) -> Path:
         return features_dir(con, catalog) / view
     finally:
         con.close()
+
+
+@dataclass
+class SetPlan:
+    """Which pool files lack a current table of a producer keyed by a named set (NormSim's target
+    set, decontamination's eval set): one ``OUT_DIR/{file}.parquet`` per pool file."""
+
+    name: str  # the set
+    settings: dict
+    out_dir: Path
+    files: list[EmbeddingFile]
+    sources: dict  # file -> npz identity
+    todo: list[EmbeddingFile] = field(default_factory=list)
+
+    def output(self, ef: EmbeddingFile) -> Path:
+        return self.out_dir / f"{ef.file}.parquet"
+
+    def find_stale(self, meta_key: str, force: bool, current: Callable[[dict], bool]) -> "SetPlan":
+        """Put in ``todo`` every file whose output is missing, built from another npz or row count,
+        or whose recorded settings ``current`` rejects (all of them with ``force``)."""
+        for ef in self.files:
+            meta = None if force else read_table_meta(self.output(ef), meta_key)
+            if not (meta is not None and current(meta.get("settings") or {}) and meta.get("rows") == ef.num_rows
+                    and meta.get("source") == self.sources[ef.file]):
+                self.todo.append(ef)
+        return self
 
 
 def read_table_meta(path: Path, meta_key: str) -> dict | None:
