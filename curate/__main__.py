@@ -1,6 +1,6 @@
 """`python -m curate ...` is the `curate` command."""
 
-from curate.cli import main
+from curate.cli.main import entry
 
 if __name__ == "__main__":
-    main()
+    entry()

@@ -14,6 +14,7 @@ import importlib
 
 import click
 
+from curate import nopandas
 from curate.errors import CurateError
 
 #: command name -> "module:attribute" of its click command or group
@@ -78,5 +79,11 @@ def main():
     """
 
 
-if __name__ == "__main__":
+def entry():
+    """The ``curate`` console script and ``python -m curate``."""
+    nopandas.command_process()
     main()
+
+
+if __name__ == "__main__":
+    entry()

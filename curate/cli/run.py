@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from curate import nopandas
 from curate.catalog.connection import default_catalog
 from curate.cli.options import catalog_option, catalog_used, engine_options, progress
 from curate.run import run_filter, runner
@@ -41,6 +42,8 @@ def run_cmd(filter_file, catalog, out, sets, explain, dropped, plot, engine):
       curate run laion2b --explain --dropped dropped.parquet --plot laion2b.png
     """
     sets = parse_sets(sets)
+    if not engine.distributed:
+        nopandas.keep_out()  # nothing here uses pandas; DuckDB and pyarrow would import it (0.3 s)
     inspect = explain or dropped is not None or plot is not None
     subset = out or runner.default_out(filter_file)
     outputs = [subset, subset.with_suffix(".json")]

@@ -26,7 +26,10 @@ local filter runner) ask :attr:`Engine.distributed` once, in one place.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import functools
+import itertools
 import multiprocessing as mp
 import os
 import queue
@@ -38,6 +41,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolE
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
+from curate import nopandas
 from curate.engine import ray as ray_engine
 from curate.engine.ray import EngineError
 from curate.progress import Progress
@@ -129,28 +133,80 @@ def die_with_parent(parent: int, interval: float = 1.0) -> None:
                      name="curate-parent-watchdog").start()
 
 
-def _init_worker(q, parent: int | None = None) -> None:
+def _init_worker(q, parent: int | None = None, warm: Callable | None = None, warm_args: tuple = ()) -> None:
     global _UNITS
     _UNITS = q
     if parent is not None:
         die_with_parent(parent)
+    nopandas.in_worker()
+    if warm is not None:
+        try:
+            warm(*warm_args)
+        except Exception:  # noqa: BLE001 - the task that needs it loads it again and fails with its own message
+            pass
 
 
-def _call_with_units(fn, args):
-    q = _UNITS
-    return fn(*args, progress=(lambda k: q.put(k)) if q is not None else None)
+def _ready() -> None:
+    """A task that only makes the pool start a worker process."""
+
+
+class WarmPool:
+    """Local worker processes started before their tasks are known, each running ``warm(*args)``
+    (e.g. loading a model) as it starts, so that the interpreter start-up and the loading overlap
+    what the caller does meanwhile. While open (a context manager), :func:`map_tasks` runs local
+    process work with ``workers`` workers and the same start method on these processes."""
+
+    def __init__(self, workers: int, warm: Callable | None = None, warm_args: tuple = (), start: str = "spawn"):
+        if start == "fork" and "fork" not in mp.get_all_start_methods():
+            start = "spawn"
+        self.workers, self.start, self.used = workers, start, False
+        ctx = mp.get_context(start)
+        self.queue = ctx.Queue()
+        self.executor = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                            initargs=(self.queue, os.getpid(), warm, warm_args))
+        for _ in range(workers):  # a spawned pool starts one process per task waiting for one
+            self.executor.submit(_ready)
+
+    def __enter__(self) -> "WarmPool":
+        global _WARM
+        self._previous, _WARM = _WARM, self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _WARM
+        _WARM = self._previous
+        if not self.used:  # nothing needed them after all: do not wait for their start-up to finish
+            for p in list((getattr(self.executor, "_processes", None) or {}).values()):
+                p.terminate()
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+_WARM: WarmPool | None = None
+_TAGS = itertools.count(1)
+
+
+def warm_workers() -> int | None:
+    """The worker count of the open :class:`WarmPool` (None: none open)."""
+    return _WARM.workers if _WARM is not None else None
+
+
+def _call_with_units(fn, args, tag=None):
+    q = _UNITS  # messages are (tag, units): a warm pool's queue serves one map_tasks call after another
+    return fn(*args, progress=(lambda k: q.put((tag, k))) if q is not None else None)
 
 
 def _call(fn, args):
     return fn(*args)
 
 
-def _drain(q, bar) -> None:
+def _drain(q, bar, tag=None) -> None:
     while True:
         try:
-            bar.update(q.get_nowait())
+            t, k = q.get_nowait()
         except queue.Empty:
             return
+        if t == tag:  # late units of an earlier call on a warm pool are not this bar's
+            bar.update(k)
 
 
 def map_tasks(fn: Callable, tasks: Iterable[Sequence], engine: Engine | None = None, *, desc: str = "tasks",
@@ -223,10 +279,17 @@ def _threads(fn, items, workers: int, bar, weights, units: bool) -> Iterator:
 def _processes(fn, items, workers: int, bar, weights, units: bool, start: str) -> Iterator:
     if start == "fork" and "fork" not in mp.get_all_start_methods():
         start = "spawn"
-    ctx = mp.get_context(start)
-    q = ctx.Queue() if units else None
-    call = _call_with_units if units else _call
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(q, os.getpid())) as ex:
+    warm = _WARM if _WARM is not None and (_WARM.workers, _WARM.start) == (workers, start) else None
+    if warm is not None:
+        warm.used = True
+        q, pool = warm.queue, contextlib.nullcontext(warm.executor)  # the pool outlives this call
+    else:
+        ctx = mp.get_context(start)
+        q = ctx.Queue() if units else None
+        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(q, os.getpid()))
+    tag = next(_TAGS)  # this call's progress messages
+    call = functools.partial(_call_with_units, tag=tag) if units else _call
+    with pool as ex:
         futures = [None] * len(items)
         nxt = 0
         limit = workers * 2  # bounded look-ahead: results are yielded in order
@@ -238,11 +301,11 @@ def _processes(fn, items, workers: int, bar, weights, units: bool, start: str) -
                 fut = futures[i]
                 while units and not fut.done():
                     wait([fut], timeout=0.2, return_when=FIRST_COMPLETED)
-                    _drain(q, bar)
+                    _drain(q, bar, tag)
                 r = fut.result()  # re-raises a worker's CurateError here
                 futures[i] = None
                 if units:
-                    _drain(q, bar)
+                    _drain(q, bar, tag)
                 else:
                     bar.update(weights[i])
                 yield r

@@ -76,9 +76,14 @@ def part_settings(settings: dict, part: str) -> dict:
     return {"schema": settings.get("schema"), "cld3": settings.get("cld3")}
 
 
+def _load(settings: dict, parts) -> None:
+    """Load CLD3 in this process (a worker loads it as it starts: see CaptionTable.load)."""
+    _cld3()
+
+
 TABLE = CaptionTable(VIEW, META_KEY, OUTPUT_SCHEMA, SCHEMA_VERSION,
                      {p: Part(p, cols, PART_COST[p]) for p, cols in CLD3_PARTS.items()},
-                     compute_parts, _settings, _comparable, part_settings, lambda settings, parts: _cld3())
+                     compute_parts, _settings, _comparable, part_settings, _load)
 
 
 def build_text_lang_cld3(catalog=None, progress: bool = True, force: bool = False,

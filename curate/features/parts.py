@@ -50,7 +50,7 @@ from curate import storage
 from curate.atomic import atomic_path
 from curate.catalog.connection import (CatalogError, connect, default_catalog, features_dir, register_parquet_view,
                                        resolve_path)
-from curate.engine import LOCAL, Engine, map_tasks
+from curate.engine import LOCAL, Engine, WarmPool, map_tasks, warm_workers
 from curate.errors import CurateError
 
 BATCH_ROWS = 1 << 16
@@ -528,8 +528,26 @@ def task_engine(captions: int, engine: Engine | None = None) -> Engine:
     engine = engine or LOCAL
     if engine.distributed or engine.workers is not None:
         return engine
+    if warm_workers() is not None:  # started already (see warm_pool): use them, however little the work
+        return engine.with_workers(warm_workers())
     # starting a worker (interpreter + models) costs seconds: not worth it for small work
     return engine.with_workers(1 if captions < AUTO_PARALLEL_ROWS else (os.cpu_count() or 1))
+
+
+def warm_pool(table: CaptionTable, catalog, parts: list[str], captions: int, engine: Engine | None = None,
+              **options):
+    """A context in which the local worker processes that will compute ``parts`` (at most
+    ``captions`` captions) are already starting and loading their models
+    (:class:`~curate.engine.WarmPool`), while the caller does other work (restricting rows,
+    computing cheap parts in threads); a null context where those parts would not run in local
+    worker processes (Arrow parts in threads, Ray, one core, small work)."""
+    engine = engine or LOCAL
+    heavy = [p for p in table.ordered(parts) if not table.parts[p].threads]
+    workers = task_engine(captions, engine).workers or 1
+    if not heavy or engine.distributed or workers <= 1:
+        return contextlib.nullcontext()
+    files, out_dir, _ = _pool(Path(catalog) if catalog else default_catalog(), table.view)
+    return WarmPool(workers, table.load, (table.settings(out_dir, files, **options), heavy))
 
 
 # ---------------------------------------------------------------------------------------------

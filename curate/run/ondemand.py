@@ -33,6 +33,7 @@ the parts the filter names are computed for every row. ``curate run --explain`` 
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from dataclasses import dataclass
@@ -197,7 +198,8 @@ def restriction_sql(plan: RowPlan, need: PartNeed, computed: set[str], only_miss
             stand_in = '(SELECT uid, file, "row" FROM main.pool)' + (f" AS {span[2]}" if len(span) > 2 else "")
             from_sql = from_sql[:span[0]] + stand_in + from_sql[span[1]:]
     # each piece on its own lines: the query's own comments end at a newline
-    return (f"{plan.prefix}\nSELECT DISTINCT {alias}.file AS file, {alias}.\"row\" AS \"row\"\n"
+    # rows repeat where a join does (rows_by_file makes them unique; DISTINCT here costs more)
+    return (f"{plan.prefix}\nSELECT {alias}.file AS file, {alias}.\"row\" AS \"row\"\n"
             f"FROM {from_sql}\nWHERE " + "\n  AND ".join(keep)).strip()
 
 
@@ -226,10 +228,11 @@ def _chunks(status: dict, limit: int) -> list[list[str] | None]:
 def rows_by_file(con, sql: str) -> dict[str, np.ndarray]:
     """file -> sorted unique row numbers of a :func:`restriction_sql` result (one list per pool
     file out of DuckDB: no Python object per row)."""
-    table = con.execute(f"SELECT file, list(DISTINCT \"row\" ORDER BY \"row\") AS rows FROM ({sql}) GROUP BY file"
-                        ).to_arrow_table()
+    # sorting and de-duplicating each file's list in numpy is cheaper than DuckDB's list(DISTINCT
+    # ... ORDER BY ...) (0.13 s of 1M rows)
+    table = con.execute(f"SELECT file, list(\"row\") AS rows FROM ({sql}) GROUP BY file").to_arrow_table()
     rows = table.column("rows").combine_chunks()
-    return {str(f): rows[i].values.to_numpy().astype(np.int64)
+    return {str(f): np.unique(rows[i].values.to_numpy().astype(np.int64))
             for i, f in enumerate(table.column("file").to_pylist())}
 
 
@@ -271,6 +274,27 @@ class _Prepared:
         self.close()
 
 
+def _start_workers(needs: list[PartNeed], coverage: dict, catalog, engine, fresh: bool = False):
+    """Start the worker processes of the first part of ``needs`` that runs in processes (and
+    load its table's models there) now, while the restrictions and the parts before it are
+    computed here (:func:`~curate.features.parts.warm_pool`); with ``fresh``, only if that part
+    was never computed for any row (a partly computed one may need nothing: the restriction
+    says). Returns the :class:`~curate.engine.WarmPool`, or a null context (whose value is None)."""
+    from curate.features import parts as textfeatures  # lazy: see caption_table
+
+    todo = [n for n in needs if not coverage[(n.view, n.part)].complete]
+    for need in todo:
+        table = caption_table(need.view)
+        if not table.parts[need.part].threads:
+            status = coverage[(need.view, need.part)].status
+            if fresh and any(done for done, _ in status.values()):
+                break
+            missing = sum(n - done for done, n in status.values())
+            return textfeatures.warm_pool(table, catalog, [n.part for n in todo if n.view == need.view], missing,
+                                          engine)
+    return contextlib.nullcontext()
+
+
 def build_needed(catalog, flt, open_prepared: Callable, *, row_level: bool = True, progress: bool = True,
                  engine=None) -> dict[str, dict]:
     """Compute the caption parts ``flt`` reads, for the rows it needs; returns, per view, what was
@@ -304,8 +328,9 @@ def build_needed(catalog, flt, open_prepared: Callable, *, row_level: bool = Tru
     report: dict[str, dict] = {}
     built: set[str] = set()
     computed: set[str] = set()
-    with _Prepared(open_prepared) as prepared:
-        for need in needs:
+    started = None  # the WarmPool of this run, once one is started
+    with _Prepared(open_prepared) as prepared, contextlib.ExitStack() as workers:
+        for i, need in enumerate(needs):
             table = caption_table(need.view)
             cov = coverage[(need.view, need.part)]
             total = sum(n for _, n in cov.status.values())
@@ -314,6 +339,8 @@ def build_needed(catalog, flt, open_prepared: Callable, *, row_level: bool = Tru
             if cov.complete:
                 computed |= set(need.columns)
                 continue
+            if not started:  # a part never computed: its workers start before any restriction runs
+                started = workers.enter_context(_start_workers(needs[i:], coverage, catalog, engine, fresh=True))
             if not isinstance(plan, str) and plan is None:
                 plan = row_plan(flt.setup, prepared.get()[1])  # the prepared query (subsets registered)
             t0 = time.perf_counter()
@@ -327,6 +354,8 @@ def build_needed(catalog, flt, open_prepared: Callable, *, row_level: bool = Tru
                     rows = _rows_to_compute(prepared.get()[0], plan, need, computed, cov, files)
                     if not rows:
                         continue
+                if not started:  # (a part computed for some rows: only now is there work for them)
+                    started = workers.enter_context(_start_workers(needs[i:], coverage, catalog, engine))
                 prepared.close()
                 res = textfeatures.build_parts(table, catalog, [need.part], rows=rows, engine=engine,
                                                progress=progress)

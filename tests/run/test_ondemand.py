@@ -197,6 +197,44 @@ def test_every_order_of_two_filters_gives_the_subsets_of_a_full_build(pool, refe
             assert (got[column][have] == full[column][have]).all(), (view, column)
 
 
+def test_the_workers_of_the_first_process_part_start_before_the_restrictions(pool, reference, tmp_path, monkeypatch):
+    from curate.engine import WarmPool
+    from curate.features import parts
+
+    started = []
+
+    class Spy(WarmPool):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            started.append(self)
+
+    monkeypatch.setattr(parts, "WarmPool", Spy)
+    monkeypatch.setattr(parts, "AUTO_PARALLEL_ROWS", 10)  # this pool's 6,000 rows count as large work
+    cat = fresh_catalog(pool, tmp_path)
+    assert subset_bytes(cat, "basic_filter", tmp_path / "a.npy") == reference["subsets"]["basic_filter"]
+    if (os.cpu_count() or 1) == 1:
+        assert not started  # one core: no worker processes at all
+        return
+    # one pool, for lang (the counts run in threads meanwhile), whose workers computed it
+    assert len(started) == 1 and started[0].workers == os.cpu_count() and started[0].used
+    # a warm run starts none (lang is computed for some rows only, and none more is needed)
+    assert subset_bytes(cat, "basic_filter", tmp_path / "b.npy") == reference["subsets"]["basic_filter"]
+    assert len(started) == 1
+    # a filter needing lang for other rows starts them once its restriction has found those rows
+    small = tmp_path / "small_images_en.sql"
+    small.write_text("SELECT p.uid FROM pool AS p JOIN text_features AS t ON t.file = p.file AND t.\"row\" = p.\"row\"\n"
+                     "WHERE p.original_width < 200 AND t.lang_fasttext = 'en'\n")
+    run_filter(small, catalog=cat, out=tmp_path / "c.npy")
+    assert len(started) == 2 and started[1].used
+    df, full = pool_frame(pool), reference["tables"]["text_features"]
+    want = set(zip(df.file[df.original_width < 200], df.row[df.original_width < 200]))
+    got = table(cat, "text_features")
+    en = full.lang_fasttext == "en"
+    kept = set(zip(full.file[en], full.row[en])) & want
+    assert len(np.load(tmp_path / "c.npy")) == len(kept)
+    assert want <= computed_rows(got, "lang_fasttext")
+
+
 def test_a_filter_computes_exactly_the_rows_that_can_pass_it(pool, tmp_path):
     df = pool_frame(pool)
     cat = fresh_catalog(pool, tmp_path)

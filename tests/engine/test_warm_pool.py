@@ -1,0 +1,159 @@
+"""Worker processes started ahead of their tasks (``WarmPool``) and pandas kept out of command
+processes (``curate.nopandas``)."""
+
+from __future__ import annotations
+
+import os
+import queue
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from curate import nopandas
+from curate.engine import Engine, WarmPool, _drain, map_tasks, warm_workers
+
+REPO = Path(__file__).resolve().parents[2]
+_MARK = None
+
+
+def _mark(value):
+    """Run by each warm worker as it starts."""
+    global _MARK
+    _MARK = value
+
+
+def _task(i):
+    return i, os.getpid(), _MARK
+
+
+def _units_task(i, progress=None):
+    progress(i)
+    return i
+
+
+def _pandas_blocked(_):
+    try:
+        import pandas  # noqa: F401
+    except ImportError:
+        return True
+    return False
+
+
+def test_tasks_run_on_the_warm_workers_after_their_warm_up():
+    with WarmPool(2, _mark, ("loaded",)) as pool:
+        assert warm_workers() == 2
+        got = list(map_tasks(_task, [(i,) for i in range(6)], Engine(workers=2)))
+        started = set(pool.executor._processes)
+    assert [g[0] for g in got] == list(range(6))  # in task order
+    assert {g[2] for g in got} == {"loaded"}  # every task ran where the warm-up had run
+    assert {g[1] for g in got} <= started and len(started) == 2
+    assert warm_workers() is None
+
+
+def test_other_worker_counts_and_later_calls_start_their_own_workers():
+    with WarmPool(2, _mark, ("loaded",)):
+        got = list(map_tasks(_task, [(i,) for i in range(3)], Engine(workers=3)))
+    assert {g[2] for g in got} == {None}
+    got = list(map_tasks(_task, [(i,) for i in range(3)], Engine(workers=2)))
+    assert {g[2] for g in got} == {None}
+
+
+def test_unit_progress_goes_to_the_call_that_sent_it():
+    class Bar:
+        def __init__(self):
+            self.n = 0
+
+        def update(self, k):
+            self.n += k
+
+    q, bar = queue.Queue(), Bar()
+    for msg in [(1, 5), (2, 7), (1, 1), (2, 3)]:  # call 1's late units, then call 2's
+        q.put(msg)
+    _drain(q, bar, 2)
+    assert bar.n == 10
+    with WarmPool(2) as pool:
+        for _ in range(2):  # two calls on one pool: each yields its own results
+            assert list(map_tasks(_units_task, [(1,), (2,), (3,)], Engine(workers=2), units=True)) == [1, 2, 3]
+        assert pool.used
+
+
+def test_an_unused_pool_is_let_go_without_waiting_for_its_warm_up():
+    pool = WarmPool(2, __import__("time").sleep, (600,))
+    pids = []
+
+    def run():
+        with pool:
+            for _ in range(200):
+                if len(pool.executor._processes) == 2:
+                    break
+                __import__("time").sleep(0.05)
+            pids.extend(pool.executor._processes)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(120)
+    assert not t.is_alive(), "closing an unused pool waited for its warm-up (600 s)"
+    assert len(pids) == 2
+    for pid in pids:  # terminated and reaped
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+def test_caption_tables_can_warm_their_workers():
+    # the table's loader reaches a spawned worker by reference (a lambda cannot)
+    import pickle
+
+    from curate.features import cld3, text
+
+    for table in (text.TABLE, cld3.TABLE):
+        assert pickle.loads(pickle.dumps(table.load)) is table.load
+
+
+# -- pandas kept out --------------------------------------------------------------------------
+
+def test_workers_keep_pandas_out_when_their_parent_does(monkeypatch):
+    monkeypatch.setenv(nopandas.ENV, "1")
+    assert list(map_tasks(_pandas_blocked, [(0,), (1,)], Engine(workers=2))) == [True, True]
+    monkeypatch.delenv(nopandas.ENV)
+    assert list(map_tasks(_pandas_blocked, [(0,), (1,)], Engine(workers=2))) == [False, False]
+
+
+@pytest.fixture()
+def cat(tmp_path):
+    from curate.catalog.connection import init_catalog
+    from curate.pool.sample import generate_pool
+
+    generate_pool(tmp_path / "pool", files=2, rows_per_file=500, seed=3, npz=False, shards=False)
+    return init_catalog(tmp_path / "c.duckdb", pool=tmp_path / "pool", features_dir=tmp_path / "features")
+
+
+def test_the_curate_command_runs_a_filter_without_importing_pandas(cat, tmp_path):
+    out = tmp_path / "kept.npy"
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "curate", "run", "basic_filter", "-c", str(cat),
+                           "-o", str(out)], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    imported = [line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")]
+    # an import that failed is listed too ("pandas", a few microseconds): a real one loads pandas.*
+    assert "duckdb" in imported and not [m for m in imported if m.startswith("pandas.")]
+    # the same subset as a process that has pandas (a library caller), on a fresh catalog
+    from curate.catalog.connection import init_catalog
+    from curate.run import run_filter
+
+    other = init_catalog(tmp_path / "o.duckdb", pool=tmp_path / "pool", features_dir=tmp_path / "o_features")
+    run_filter("basic_filter", catalog=other, out=tmp_path / "lib.npy", progress=False)
+    assert len(np.load(out)) and np.array_equal(np.load(out), np.load(tmp_path / "lib.npy"))
+
+
+def test_a_library_caller_keeps_its_pandas(cat, tmp_path):
+    from curate.cli import main
+
+    res = CliRunner().invoke(main, ["run", "basic_filter", "-c", str(cat), "-o", str(tmp_path / "k.npy")])
+    assert res.exit_code == 0, res.output
+    assert nopandas._FINDER not in sys.meta_path and os.environ.get(nopandas.ENV) is None
+    import pandas
+
+    assert pandas.DataFrame({"a": [1]}).shape == (1, 1)
