@@ -157,3 +157,16 @@ def test_a_library_caller_keeps_its_pandas(cat, tmp_path):
     import pandas
 
     assert pandas.DataFrame({"a": [1]}).shape == (1, 1)
+
+
+def test_explain_dropped_and_plot_work_in_a_command_without_pandas(cat, tmp_path):
+    import pyarrow.parquet as pq
+
+    out, dropped, plot = tmp_path / "kept.npy", tmp_path / "dropped.parquet", tmp_path / "plot.png"
+    proc = subprocess.run([sys.executable, "-m", "curate", "run", "laion2b", "-c", str(cat), "-o", str(out),
+                           "--explain", "--dropped", str(dropped), "--plot", str(plot)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert pq.read_metadata(dropped).num_rows == 1000 - len(np.load(out))  # every pool row kept or dropped
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "clip_b32_similarity_score" in proc.stdout  # the funnel names the conjunct
