@@ -154,7 +154,8 @@ class WarmPool:
     """Local worker processes started before their tasks are known, each running ``warm(*args)``
     (e.g. loading a model) as it starts, so that the interpreter start-up and the loading overlap
     what the caller does meanwhile. While open (a context manager), :func:`map_tasks` runs local
-    process work with ``workers`` workers and the same start method on these processes."""
+    process work with ``workers`` workers and the same start method on these processes (in the
+    thread that opened it)."""
 
     def __init__(self, workers: int, warm: Callable | None = None, warm_args: tuple = (), start: str = "spawn"):
         if start == "fork" and "fork" not in mp.get_all_start_methods():
@@ -168,26 +169,30 @@ class WarmPool:
             self.executor.submit(_ready)
 
     def __enter__(self) -> "WarmPool":
-        global _WARM
-        self._previous, _WARM = _WARM, self
+        self._previous, _OPEN.pool = _warm(), self
         return self
 
     def __exit__(self, *exc) -> None:
-        global _WARM
-        _WARM = self._previous
+        _OPEN.pool = self._previous
         if not self.used:  # nothing needed them after all: do not wait for their start-up to finish
             for p in list((getattr(self.executor, "_processes", None) or {}).values()):
                 p.terminate()
         self.executor.shutdown(wait=True, cancel_futures=True)
 
 
-_WARM: WarmPool | None = None
+_OPEN = threading.local()  # .pool: the WarmPool open in this thread (another thread's is not used here)
+
+
+def _warm() -> WarmPool | None:
+    return getattr(_OPEN, "pool", None)
+
+
 _TAGS = itertools.count(1)
 
 
 def warm_workers() -> int | None:
     """The worker count of the open :class:`WarmPool` (None: none open)."""
-    return _WARM.workers if _WARM is not None else None
+    return _warm().workers if _warm() is not None else None
 
 
 def _call_with_units(fn, args, tag=None):
@@ -279,7 +284,9 @@ def _threads(fn, items, workers: int, bar, weights, units: bool) -> Iterator:
 def _processes(fn, items, workers: int, bar, weights, units: bool, start: str) -> Iterator:
     if start == "fork" and "fork" not in mp.get_all_start_methods():
         start = "spawn"
-    warm = _WARM if _WARM is not None and (_WARM.workers, _WARM.start) == (workers, start) else None
+    warm = _warm()
+    if warm is not None and (warm.workers, warm.start) != (workers, start):
+        warm = None
     if warm is not None:
         warm.used = True
         q, pool = warm.queue, contextlib.nullcontext(warm.executor)  # the pool outlives this call

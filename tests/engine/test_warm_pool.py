@@ -63,6 +63,16 @@ def test_other_worker_counts_and_later_calls_start_their_own_workers():
     assert {g[2] for g in got} == {None}
 
 
+def test_another_thread_does_not_use_the_pool():
+    got = []
+    with WarmPool(2, _mark, ("loaded",)):
+        t = threading.Thread(target=lambda: got.extend(map_tasks(_task, [(i,) for i in range(3)], Engine(workers=2))))
+        t.start()
+        t.join(120)
+        assert warm_workers() == 2
+    assert [g[0] for g in got] == [0, 1, 2] and {g[2] for g in got} == {None}
+
+
 def test_unit_progress_goes_to_the_call_that_sent_it():
     class Bar:
         def __init__(self):
