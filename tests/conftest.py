@@ -23,6 +23,22 @@ def _quiet_progress(monkeypatch):
     monkeypatch.setenv("CURATE_PROGRESS", "off")
 
 
+@pytest.fixture(scope="module")
+def model_cache(tmp_path_factory):
+    """For one test module: a fresh cache of unpacked models and word lists ($CURATE_CACHE) and
+    the bundled language-ID model ($CURATE_LID_MODEL unset); both restored afterwards. Modules
+    that build text features use it with ``pytestmark = pytest.mark.usefixtures("model_cache")``."""
+    saved = {k: os.environ.get(k) for k in ("CURATE_CACHE", "CURATE_LID_MODEL")}
+    os.environ["CURATE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ.pop("CURATE_LID_MODEL", None)
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 def uid_of(i: int) -> str:
     """A deterministic, valid uid for test row i (spread over the 128-bit range)."""
     return f"{(i * 0x9E3779B97F4A7C15) % (1 << 64):016x}{(i * 0xC2B2AE3D27D4EB4F + 1) % (1 << 64):016x}"

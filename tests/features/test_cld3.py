@@ -2,7 +2,6 @@
 them), resumable, stale detection, provenance, built on demand and never by `features text`."""
 
 import json
-import os
 
 import duckdb
 import pyarrow as pa
@@ -19,16 +18,7 @@ from curate.features.text import read_output_meta
 from curate.engine import Engine
 from tests.conftest import REPO, pool_table, uid_of
 
-
-@pytest.fixture(autouse=True, scope="module")
-def cache_env(tmp_path_factory):
-    old = os.environ.get("CURATE_CACHE")
-    os.environ["CURATE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        os.environ.pop("CURATE_CACHE", None)
-    else:
-        os.environ["CURATE_CACHE"] = old
+pytestmark = pytest.mark.usefixtures("model_cache")  # tests/conftest.py
 
 
 DE = "ein kleiner Hund spielt im Garten mit dem Ball"

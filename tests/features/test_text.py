@@ -21,17 +21,7 @@ from curate.features.text import PRODUCER, build_text_features, read_output_meta
 from curate.engine import Engine
 from tests.conftest import pool_table, uid_of
 
-
-@pytest.fixture(autouse=True, scope="module")
-def cache_env(tmp_path_factory):
-    old = os.environ.get("CURATE_CACHE")
-    os.environ["CURATE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    os.environ.pop("CURATE_LID_MODEL", None)
-    yield
-    if old is None:
-        os.environ.pop("CURATE_CACHE", None)
-    else:
-        os.environ["CURATE_CACHE"] = old
+pytestmark = pytest.mark.usefixtures("model_cache")  # tests/conftest.py
 
 
 ROWS = [

@@ -67,17 +67,7 @@ CAPTIONS = [
     "a plate of sushi and chopsticks",
 ]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def cache_env(tmp_path_factory):
-    old = os.environ.get("CURATE_CACHE")
-    os.environ["CURATE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    os.environ.pop("CURATE_LID_MODEL", None)
-    yield
-    if old is None:
-        os.environ.pop("CURATE_CACHE", None)
-    else:
-        os.environ["CURATE_CACHE"] = old
+pytestmark = pytest.mark.usefixtures("model_cache")  # tests/conftest.py
 
 
 def files_of(captions):

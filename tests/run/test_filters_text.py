@@ -7,7 +7,6 @@ lid.176.ftz / gcld3); the test checks them first, so a label change shows up as 
 facts (first synsets, IN-21k membership) are the ones pinned in test_text_wordnet.py."""
 
 import json
-import os
 import shutil
 
 import numpy as np
@@ -26,13 +25,7 @@ DOG = "a brown dog playing in the park"
 DE = "ein kleiner Hund spielt im Garten mit dem Ball"
 NAN = float("nan")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def cache_env(tmp_path_factory):
-    os.environ["CURATE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    os.environ.pop("CURATE_LID_MODEL", None)
-    yield
-    os.environ.pop("CURATE_CACHE", None)
+pytestmark = pytest.mark.usefixtures("model_cache")  # tests/conftest.py
 
 
 # text, width, height, fastText label (None: irrelevant), kept -- worked out by hand from

@@ -34,13 +34,7 @@ from tests.conftest import REPO
 FILTERS = REPO / "filters"
 TEXT_FILTERS = ("basic_filter", "text_based", "laion2b")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def cache_env(tmp_path_factory):
-    os.environ["CURATE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    os.environ.pop("CURATE_LID_MODEL", None)
-    yield
-    os.environ.pop("CURATE_CACHE", None)
+pytestmark = pytest.mark.usefixtures("model_cache")  # tests/conftest.py
 
 
 # -- which parts (columns) a filter needs ----------------------------------------------------
