@@ -154,8 +154,8 @@ class WarmPool:
     """Local worker processes started before their tasks are known, each running ``warm(*args)``
     (e.g. loading a model) as it starts, so that the interpreter start-up and the loading overlap
     what the caller does meanwhile. While open (a context manager), :func:`map_tasks` runs local
-    process work with ``workers`` workers and the same start method on these processes (in the
-    thread that opened it)."""
+    process work of at most ``workers`` workers with the same start method on these processes
+    (in the thread that opened it)."""
 
     def __init__(self, workers: int, warm: Callable | None = None, warm_args: tuple = (), start: str = "spawn"):
         if start == "fork" and "fork" not in mp.get_all_start_methods():
@@ -285,8 +285,8 @@ def _processes(fn, items, workers: int, bar, weights, units: bool, start: str) -
     if start == "fork" and "fork" not in mp.get_all_start_methods():
         start = "spawn"
     warm = _warm()
-    if warm is not None and (warm.workers, warm.start) != (workers, start):
-        warm = None
+    if warm is not None and (warm.workers < workers or warm.start != start):
+        warm = None  # (a larger one is fine: ``workers`` is already at most the number of tasks)
     if warm is not None:
         warm.used = True
         q, pool = warm.queue, contextlib.nullcontext(warm.executor)  # the pool outlives this call

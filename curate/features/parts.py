@@ -547,6 +547,9 @@ def warm_pool(table: CaptionTable, catalog, parts: list[str], captions: int, eng
     if not heavy or engine.distributed or workers <= 1:
         return contextlib.nullcontext()
     files, out_dir, _ = _pool(Path(catalog) if catalog else default_catalog(), table.view)
+    workers = min(workers, len(files))  # one task per pool file (one file: computed in this process)
+    if workers <= 1:
+        return contextlib.nullcontext()
     return WarmPool(workers, table.load, (table.settings(out_dir, files, **options), heavy))
 
 

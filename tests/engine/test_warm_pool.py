@@ -17,7 +17,8 @@ from click.testing import CliRunner
 from curate import nopandas
 from curate.engine import Engine, WarmPool, _drain, map_tasks, warm_workers
 
-REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.usefixtures("model_cache")  # tests/conftest.py
+
 _MARK = None
 
 
@@ -55,10 +56,13 @@ def test_tasks_run_on_the_warm_workers_after_their_warm_up():
     assert warm_workers() is None
 
 
-def test_other_worker_counts_and_later_calls_start_their_own_workers():
+def test_more_workers_and_later_calls_start_their_own_workers():
     with WarmPool(2, _mark, ("loaded",)):
         got = list(map_tasks(_task, [(i,) for i in range(3)], Engine(workers=3)))
     assert {g[2] for g in got} == {None}
+    with WarmPool(3, _mark, ("loaded",)):  # fewer tasks than warm workers: those run them
+        got = list(map_tasks(_task, [(i,) for i in range(2)], Engine(workers=4)))
+    assert {g[2] for g in got} == {"loaded"}
     got = list(map_tasks(_task, [(i,) for i in range(3)], Engine(workers=2)))
     assert {g[2] for g in got} == {None}
 
@@ -180,3 +184,22 @@ def test_explain_dropped_and_plot_work_in_a_command_without_pandas(cat, tmp_path
     assert pq.read_metadata(dropped).num_rows == 1000 - len(np.load(out))  # every pool row kept or dropped
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "clip_b32_similarity_score" in proc.stdout  # the funnel names the conjunct
+
+
+def test_a_caption_table_warms_one_worker_per_pool_file_at_most(cat, tmp_path, monkeypatch):
+    from curate.catalog.connection import init_catalog
+    from curate.features import parts
+    from curate.features.text import TABLE
+    from curate.pool.sample import generate_pool
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    with parts.warm_pool(TABLE, cat, ["counts", "lang"], 10**6) as pool:  # 2 pool files
+        assert isinstance(pool, WarmPool) and pool.workers == 2
+    with parts.warm_pool(TABLE, cat, ["counts"], 10**6) as pool:  # counts run in threads
+        assert pool is None
+    with parts.warm_pool(TABLE, cat, ["lang"], 10) as pool:  # small work runs in this process
+        assert pool is None
+    generate_pool(tmp_path / "one", files=1, rows_per_file=50, seed=4, npz=False, shards=False)
+    one = init_catalog(tmp_path / "one.duckdb", pool=tmp_path / "one", features_dir=tmp_path / "one_features")
+    with parts.warm_pool(TABLE, one, ["lang"], 10**6) as pool:  # one file: computed in this process
+        assert pool is None

@@ -210,7 +210,7 @@ def test_the_workers_of_the_first_process_part_start_before_the_restrictions(poo
         assert not started  # one core: no worker processes at all
         return
     # one pool, for lang (the counts run in threads meanwhile), whose workers computed it
-    assert len(started) == 1 and started[0].workers == os.cpu_count() and started[0].used
+    assert len(started) == 1 and started[0].workers == min(os.cpu_count(), 2) and started[0].used  # 2 pool files
     # a warm run starts none (lang is computed for some rows only, and none more is needed)
     assert subset_bytes(cat, "basic_filter", tmp_path / "b.npy") == reference["subsets"]["basic_filter"]
     assert len(started) == 1
