@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from curate.cli.options import catalog_option, catalog_used
+from curate.cli.options import catalog_option, catalog_used, progress
 from curate.errors import CurateError
 from curate.features.clusters import build_cluster_set, import_cluster_set, list_cluster_sets, set_targets
 from curate.features.embeddings import convert_embeddings
@@ -64,7 +64,7 @@ def build_cmd(catalog, more_targets, name, key, k, sample_ratio, seed, niter, ca
     t0 = time.perf_counter()
     cs = build_cluster_set(catalog, name, key=key, k=k, sample_ratio=sample_ratio, seed=seed,
                            caption_filter=caption_filter, target_files=_targets(targets, more_targets),
-                           niter=niter, overwrite=overwrite, progress=True)
+                           niter=niter, overwrite=overwrite, progress=progress())
     km = cs.meta["source"]["kmeans"]
     click.echo(f"cluster set {name}: k-means of {km['points']:,} {key} embeddings into {cs.meta['k']:,} "
                f"clusters ({niter} iterations) in {km['seconds']}s")
@@ -155,7 +155,7 @@ def convert_cmd(catalog, key):
       curate embeddings convert pool.duckdb --key l14_img
     """
     t0 = time.perf_counter()
-    r = convert_embeddings(catalog, key, progress=True)
+    r = convert_embeddings(catalog, key, progress=progress())
     click.echo(f"embeddings {key}: {r['rows']:,} rows x {r['dim']} in {r['files']} files "
                f"({r['converted']} converted now) in {time.perf_counter() - t0:.2f}s")
     click.echo(f"wrote {r['dir']} on catalog {catalog_used(catalog)}")
@@ -210,7 +210,7 @@ def dedup_cmd(catalog, cluster_set, threshold, key, name):
     Example:
       curate embeddings dedup pool.duckdb --clusters small --threshold 0.97
     """
-    r = near_duplicates(catalog, cluster_set, threshold, key=key, name=name, progress=True)
+    r = near_duplicates(catalog, cluster_set, threshold, key=key, name=name, progress=progress())
     click.echo(f"near_duplicates[{r['dedup_set']}]: {r['in_groups']:,} samples in duplicate groups, "
                f"{r['drop']:,} to drop (keep = first in pool order) in {r['seconds']}s")
     click.echo(f"wrote {r['dir']} on catalog {catalog_used(catalog)}")

@@ -112,7 +112,7 @@ def clusters_cmd(catalog, name, engine):
     Example:
       curate features clusters pool.duckdb --clusters xlarge
     """
-    r = assign_pool(catalog, name, progress=True, engine=engine)
+    r = assign_pool(catalog, name, progress=progress(), engine=engine)
     click.echo(f"cluster_assignments[{name}]: assigned {r['rows']:,} rows in {r['assigned_files']} of "
                f"{r['files']} files ({r['files'] - r['assigned_files']} already done) in {r['seconds']}s")
     click.echo(f"wrote {r['dir']}, on catalog {catalog_used(catalog)}")

@@ -22,12 +22,17 @@ not renormalised, so this is not the L2 k-means cell), first index on ties (``to
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import datetime as _dt
 import functools
 import json
+import os
 import pickle
 import re
 import shutil
+import sys
+import threading
 import time
 import zipfile
 from dataclasses import dataclass
@@ -429,6 +434,66 @@ def training_sample(catalog, key: str, sample_ratio: float = -1.0, seed: int = 0
     return np.concatenate(parts)
 
 
+_ITERATION = re.compile(rb"\s*Iteration (\d+) \(")
+
+
+@contextlib.contextmanager
+def kmeans_progress(niter: int, desc: str, progress: bool = True):
+    """Count faiss k-means iterations on a :class:`~curate.progress.Progress` bar (a line every
+    interval when not at a terminal). Yields whether faiss should be verbose.
+
+    faiss has no callback: in verbose mode its C++ code prints ``Iteration N (...)`` to file
+    descriptor 1, each ended by a carriage return. While training, descriptor 1 is a pipe read by
+    a thread that moves the bar on each iteration and passes faiss's other lines (the sample
+    size, warnings) on to standard error. The centroids are the same either way."""
+    if not progress:
+        yield False
+        return
+    sys.stdout.flush()
+    try:
+        read_fd, write_fd = os.pipe()
+        saved = os.dup(1)
+    except OSError:  # no standard output to borrow (closed): train without the count
+        yield False
+        return
+    os.dup2(write_fd, 1)
+    os.close(write_fd)
+    bar = Progress(total=niter, desc=desc, unit="iteration")
+
+    def pump():
+        rest = b""
+        with os.fdopen(read_fd, "rb", buffering=0) as f:
+            while chunk := f.read(65536):
+                *pieces, rest = re.split(rb"[\r\n]", rest + chunk)
+                for piece in pieces:
+                    m = _ITERATION.match(piece)
+                    if m:
+                        bar.update(max(0, int(m.group(1)) + 1 - bar.n))
+                    elif piece.strip():
+                        sys.stderr.write(f"{desc}: {piece.decode(errors='replace').strip()}\n")
+        if _ITERATION.match(rest):  # the last iteration's line (no carriage return after it)
+            bar.update(max(0, int(_ITERATION.match(rest).group(1)) + 1 - bar.n))
+
+    reader = threading.Thread(target=pump, daemon=True, name="faiss-progress")
+    reader.start()
+    try:
+        yield True
+    finally:
+        sys.stdout.flush()
+        _flush_c_stdout()
+        os.dup2(saved, 1)  # the pipe's last writer closes: the reader sees its end
+        os.close(saved)
+        reader.join()
+        bar.close()
+
+
+def _flush_c_stdout() -> None:
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):  # no libc symbols here: faiss flushes its own lines anyway
+        pass
+
+
 def train_kmeans(x: np.ndarray, k: int, seed: int = 0, niter: int = 20, verbose: bool = False) -> np.ndarray:
     """faiss k-means with DataComp's settings: L2, ``niter`` 20, no subsampling below 10M/centroid."""
     try:
@@ -463,7 +528,8 @@ def build_cluster_set(catalog, name: str, key: str = "l14_img", k: int = 100_000
     _prepare_dir(catalog, name, overwrite)
     x = training_sample(catalog, key, sample_ratio, seed, caption_filter, progress)
     t0 = time.perf_counter()
-    centroids = train_kmeans(x, k, seed=seed, niter=niter, verbose=False)
+    with kmeans_progress(niter, f"{name}: k-means, k={k:,}, {len(x):,} points", progress) as verbose:
+        centroids = train_kmeans(x, k, seed=seed, niter=niter, verbose=verbose)
     targets = load_targets(target_files, centroids.shape[1]) if target_files else None
     source = {"kmeans": {"key": key, "k": k, "niter": niter, "seed": seed, "sample_ratio": sample_ratio,
                          "caption_filter": caption_filter, "points": int(len(x)),

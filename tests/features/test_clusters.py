@@ -4,6 +4,7 @@ asset formats without running code, import/build/targets, resumable assignment t
 from __future__ import annotations
 
 import pickle
+import re
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -220,6 +221,33 @@ def test_build_kmeans_recovers_blobs_and_is_seeded(tmp_path):
     assert x.shape == (40, 768)
     with pytest.raises(C.ClusterError, match="--k 100"):
         C.build_cluster_set(cat, "k100", k=100, caption_filter=False, progress=False)
+
+
+def test_kmeans_iterations_are_counted_on_the_progress_lines(tmp_path, capfd, monkeypatch):
+    rng = np.random.default_rng(0)
+
+    def points(i, a):
+        return {"l14_img": rng.normal(0, 1, (len(a["l14_img"]), 768)).astype(np.float16)}
+
+    write_pool(tmp_path / "k", [60, 60], dims={"l14_img": 768}, mutate=points)
+    cat = init_catalog(tmp_path / "k" / "cat.duckdb", pool=tmp_path / "k")
+    quiet = C.build_cluster_set(cat, "quiet", k=5, niter=7, caption_filter=False, progress=False).centroids()
+    capfd.readouterr()
+    monkeypatch.setenv("CURATE_PROGRESS", "log")
+    monkeypatch.setenv("CURATE_PROGRESS_INTERVAL", "0")
+    print("before")  # this process's own standard output is untouched around the training
+    logged = C.build_cluster_set(cat, "logged", k=5, niter=7, caption_filter=False, progress=True).centroids()
+    print("after")
+    out, err = capfd.readouterr()
+    assert np.array_equal(logged, quiet)  # counting changes nothing
+    head = "logged: k-means, k=5, 120 points: "
+    lines = [line[len(head):] for line in err.splitlines() if line.startswith(head)]
+    counts = [int(line.split("/")[0]) for line in lines if "/7 iteration" in line]
+    converged = re.search(r"Converged at iteration (\d+)", err)  # faiss stops when nothing moves
+    assert counts[0] == 0 and counts == sorted(counts), err
+    assert counts[-1] == (int(converged.group(1)) + 1 if converged else 7), err
+    assert any("Clustering 120 points in 768D to 5 clusters" in line for line in lines)  # faiss's own line
+    assert out.split() == ["before", "after"]  # nothing of faiss's on standard output
 
 
 def test_sql_function_over_embedding_column(pool, tmp_path):
