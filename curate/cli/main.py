@@ -66,6 +66,13 @@ class CurateGroup(click.Group):
         except CurateError as e:
             click.echo(f"error: {e}", err=True)
             ctx.exit(1)
+        except Exception as e:
+            # Ctrl-C during a DuckDB query reaches Python as RuntimeError("Query interrupted"), and
+            # an interrupted connection raises duckdb's InterruptException, neither as
+            # KeyboardInterrupt: end them the way click ends an interrupt ("Aborted!", status 1)
+            if (type(e) is RuntimeError and str(e) == "Query interrupted") or type(e).__name__ == "InterruptException":
+                raise KeyboardInterrupt from None
+            raise
 
 
 @click.group(cls=CurateGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -165,19 +165,37 @@ class WarmPool:
         self.queue = ctx.Queue()
         self.executor = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                                             initargs=(self.queue, os.getpid(), warm, warm_args))
-        for _ in range(workers):  # a spawned pool starts one process per task waiting for one
-            self.executor.submit(_ready)
+        # a spawned pool starts one process per task waiting for one; the processes ignore Ctrl-C
+        # (no traceback from each while the command stops): they end with this process (see
+        # die_with_parent), or when the pool is closed
+        with _sigint_ignored():
+            self.started = [self.executor.submit(_ready) for _ in range(workers)]
 
     def __enter__(self) -> "WarmPool":
         self._previous, _OPEN.pool = _warm(), self
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         _OPEN.pool = self._previous
-        if not self.used:  # nothing needed them after all: do not wait for their start-up to finish
+        if not self.used or exc_type is not None:
+            # nothing needed them after all, or the caller failed (or was interrupted): do not wait
+            # for their start-up or their tasks (a task writes its output under a temporary name)
             for p in list((getattr(self.executor, "_processes", None) or {}).values()):
                 p.terminate()
         self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    """Processes started inside inherit SIGINT ignored (from the main thread; elsewhere as is)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 _OPEN = threading.local()  # .pool: the WarmPool open in this thread (another thread's is not used here)

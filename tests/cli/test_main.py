@@ -2,7 +2,11 @@
 
 import json
 import os
+import signal
+import threading
 
+import click
+import duckdb
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -122,3 +126,31 @@ def test_features_text_engine_ray(tmp_path):
     assert "computed 2 file(s)" in res.output
     con = connect(cat)
     assert con.execute("SELECT count(*), count(DISTINCT uid) FROM text_features").fetchone() == (2000, 2000)
+
+
+@click.command("slow-query")
+@click.option("--how", type=click.Choice(["sigint", "interrupt"]))
+def _slow_query_cmd(how):
+    con = duckdb.connect()
+    stop = (lambda: os.kill(os.getpid(), signal.SIGINT)) if how == "sigint" else con.interrupt
+    threading.Timer(0.3, stop).start()
+    # ~20 s on 2 cores if nothing interrupts it (then the command ends with status 0: the test fails)
+    con.execute("SELECT count(*) FROM range(2000000000) AS a(i) WHERE a.i % 7 = 3").fetchall()
+
+
+@pytest.mark.parametrize("how", ["sigint", "interrupt"])
+def test_ctrl_c_during_a_duckdb_query_ends_as_an_interrupt(monkeypatch, how):
+    # DuckDB turns Ctrl-C (SIGINT) into RuntimeError("Query interrupted"), and an interrupted
+    # connection into InterruptException: both end like any Ctrl-C, no traceback
+    import importlib
+
+    monkeypatch.setitem(importlib.import_module("curate.cli.main").COMMANDS, "slow-query", "tests.cli.test_main:_slow_query_cmd")
+    # Python's own Ctrl-C handler, as in a `curate` process (an in-process Ray, started by an
+    # earlier test, installs its own)
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        res = CliRunner().invoke(main, ["slow-query", "--how", how])
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.exception
+    assert res.output.strip() == "Aborted!"

@@ -117,6 +117,47 @@ def test_an_unused_pool_is_let_go_without_waiting_for_its_warm_up():
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
 
 
+def test_a_failing_caller_does_not_wait_for_busy_workers():
+    import time
+
+    pool = WarmPool(2)
+    pids, errors = [], []
+
+    def run():
+        try:
+            with pool:
+                pool.used = True
+                for _ in range(2):
+                    pool.executor.submit(time.sleep, 600)  # tasks that would keep shutdown() waiting
+                for f in pool.started:
+                    f.result(60)
+                pids.extend(pool.executor._processes)
+                raise RuntimeError("the caller failed")
+        except RuntimeError as e:
+            errors.append(str(e))
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(120)
+    assert not t.is_alive(), "closing after a failure waited for the running tasks (600 s)"
+    assert errors == ["the caller failed"] and len(pids) == 2
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+def test_warm_workers_ignore_ctrl_c_and_end_with_the_pool():
+    import signal
+
+    with WarmPool(2, _mark, ("loaded",)) as pool:  # started from the main thread (pytest's)
+        for f in pool.started:
+            f.result(60)
+        for pid in list(pool.executor._processes):
+            os.kill(pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
+        got = list(map_tasks(_task, [(i,) for i in range(4)], Engine(workers=2)))
+    assert {g[2] for g in got} == {"loaded"}  # the same workers, alive, ran them
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # this process's handler is back
+
+
 def test_caption_tables_can_warm_their_workers():
     # the table's loader reaches a spawned worker by reference (a lambda cannot)
     import pickle
