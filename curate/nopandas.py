@@ -44,16 +44,15 @@ def command_process() -> None:
     _COMMAND = True
 
 
-def keep_out(children: bool = True) -> bool:
-    """From now on ``import pandas`` fails in this process (and, with ``children``, in the local
-    worker processes it starts: see :func:`in_worker`). False, changing nothing, where this is
-    not the ``curate`` command's process (:func:`command_process`) or pandas is imported already."""
+def keep_out() -> bool:
+    """From now on ``import pandas`` fails in this process and in the local worker processes it
+    starts (see :func:`in_worker`). False, changing nothing, where this is not the ``curate``
+    command's process (:func:`command_process`) or pandas is imported already."""
     if not _COMMAND or "pandas" in sys.modules:
         return False
     if _FINDER not in sys.meta_path:
         sys.meta_path.insert(0, _FINDER)
-    if children:
-        os.environ[ENV] = "1"
+    os.environ[ENV] = "1"
     return True
 
 
@@ -61,4 +60,4 @@ def in_worker() -> None:
     """In a worker process: keep pandas out too if the process that started it does."""
     if os.environ.get(ENV) == "1":
         command_process()  # a worker of the command: its own process, no library caller's
-        keep_out(children=True)
+        keep_out()

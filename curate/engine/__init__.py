@@ -158,8 +158,7 @@ class WarmPool:
     (in the thread that opened it)."""
 
     def __init__(self, workers: int, warm: Callable | None = None, warm_args: tuple = (), start: str = "spawn"):
-        if start == "fork" and "fork" not in mp.get_all_start_methods():
-            start = "spawn"
+        start = _start_method(start)
         self.workers, self.start, self.used = workers, start, False
         ctx = mp.get_context(start)
         self.queue = ctx.Queue()
@@ -299,9 +298,13 @@ def _threads(fn, items, workers: int, bar, weights, units: bool) -> Iterator:
             raise
 
 
+def _start_method(start: str) -> str:
+    """``start``, or "spawn" where this system cannot fork."""
+    return "spawn" if start == "fork" and "fork" not in mp.get_all_start_methods() else start
+
+
 def _processes(fn, items, workers: int, bar, weights, units: bool, start: str) -> Iterator:
-    if start == "fork" and "fork" not in mp.get_all_start_methods():
-        start = "spawn"
+    start = _start_method(start)
     warm = _warm()
     if warm is not None and (warm.workers < workers or warm.start != start):
         warm = None  # (a larger one is fine: ``workers`` is already at most the number of tasks)

@@ -451,8 +451,8 @@ def kmeans_progress(niter: int, desc: str, progress: bool = True):
         return
     sys.stdout.flush()
     try:
-        read_fd, write_fd = os.pipe()
         saved = os.dup(1)
+        read_fd, write_fd = os.pipe()
     except OSError:  # no standard output to borrow (closed): train without the count
         yield False
         return
@@ -460,19 +460,21 @@ def kmeans_progress(niter: int, desc: str, progress: bool = True):
     os.close(write_fd)
     bar = Progress(total=niter, desc=desc, unit="iteration")
 
+    def take(piece: bytes) -> None:
+        m = _ITERATION.match(piece)
+        if m:
+            bar.update(max(0, int(m.group(1)) + 1 - bar.n))
+        elif piece.strip():
+            sys.stderr.write(f"{desc}: {piece.decode(errors='replace').strip()}\n")
+
     def pump():
         rest = b""
         with os.fdopen(read_fd, "rb", buffering=0) as f:
             while chunk := f.read(65536):
                 *pieces, rest = re.split(rb"[\r\n]", rest + chunk)
                 for piece in pieces:
-                    m = _ITERATION.match(piece)
-                    if m:
-                        bar.update(max(0, int(m.group(1)) + 1 - bar.n))
-                    elif piece.strip():
-                        sys.stderr.write(f"{desc}: {piece.decode(errors='replace').strip()}\n")
-        if _ITERATION.match(rest):  # the last iteration's line (no carriage return after it)
-            bar.update(max(0, int(_ITERATION.match(rest).group(1)) + 1 - bar.n))
+                    take(piece)
+        take(rest)  # the last line, which no carriage return ends
 
     reader = threading.Thread(target=pump, daemon=True, name="faiss-progress")
     reader.start()
